@@ -1,0 +1,145 @@
+"""Projected gradient descent with a per-sample radius (L-infinity and L2), and FGSM.
+
+``pgd_steps`` is the one PGD loop of the project: evaluation attacks, the training methods
+(``pgd_at``, ``trades``, ``dpaat``...) and the robustness score all call it. An optional
+``observer`` sees every iterate and its per-sample loss, which is how DPAAT records the first
+iterate that crosses its criterion without a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from models.attacks.base import Attack, LossFn, input_grad, per_sample_ce, view
+
+# observer(step, x_adv, per_sample_loss, logits): step 0 is the start point, step k the k-th iterate
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def project(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the per-sample ball of radius ``eps``."""
+    if norm == "linf":
+        e = view(eps, delta)
+        return torch.maximum(torch.minimum(delta, e), -e)
+    factor = torch.clamp(eps / _l2_norm(delta).clamp_min(1e-12), max=1.0)
+    return delta * view(factor, delta)
+
+
+def _rand(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Random numbers drawn on the CPU when a (CPU) generator is given, so runs are reproducible
+    across devices."""
+    if generator is None:
+        return fn(shape, device=like.device, dtype=like.dtype)
+    return fn(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform random point of the ball: the L-infinity cube, or the volume of the L2 ball."""
+    if norm == "linf":
+        return (2 * _rand(torch.rand, tuple(x.shape), x, generator) - 1) * view(eps, x)
+    g = _rand(torch.randn, tuple(x.shape), x, generator)
+    r = _rand(torch.rand, (len(x),), x, generator) ** (1.0 / g[0].numel())
+    return g / view(_l2_norm(g).clamp_min(1e-12), g) * view(r * eps, x)
+
+
+def pgd_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    eps: torch.Tensor,
+    steps: int,
+    alpha: torch.Tensor,
+    norm: str = "linf",
+    init: torch.Tensor | None = None,
+    loss_fn: LossFn = per_sample_ce,
+    observer: Observer | None = None,
+    observe_last: bool = False,
+) -> torch.Tensor:
+    """Run ``steps`` ascent steps from ``x + init`` (or ``x``) inside the per-sample ball.
+
+    The model must already be in attack mode (see :func:`models.attacks.base.attack_mode`).
+    ``observe_last`` adds one forward pass (no backward) so the observer also sees the last iterate.
+    """
+    x = x.detach()
+    delta = torch.zeros_like(x) if init is None else project(init, eps, norm)
+    x_adv = (x + delta).clamp_(0.0, 1.0)
+    a = view(alpha, x)
+    for k in range(steps):
+        grad, loss, logits = input_grad(model, x_adv, target, loss_fn)
+        if observer is not None:
+            observer(k, x_adv, loss, logits)
+        if norm == "linf":
+            step = a * grad.sign()
+        else:
+            step = a * grad / view(_l2_norm(grad).clamp_min(1e-12), grad)
+        x_adv = (x + project(x_adv + step - x, eps, norm)).clamp_(0.0, 1.0)
+    if observer is not None and observe_last:
+        with torch.no_grad():
+            logits = model(x_adv)
+            observer(steps, x_adv, loss_fn(logits, target), logits)
+    return x_adv.detach()
+
+
+class PGD(Attack):
+    """PGD (Madry et al. 2018): ``steps`` steps of size ``alpha_factor * eps / steps`` from a uniform
+    random start; with ``restarts`` > 1 each sample keeps the restart that fooled the model, else the
+    one with the highest loss."""
+
+    name: ClassVar[str] = "pgd"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 20,
+        alpha_factor: float = 2.5,
+        restarts: int = 1,
+        norm: str = "linf",
+        random_init: bool = True,
+        seed: int | None = 0,
+        batch_size: int = 256,
+    ) -> None:
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if steps < 1 or restarts < 1:
+            raise ValueError("steps and restarts must be >= 1")
+        super().__init__(model, batch_size, steps=steps, alpha_factor=alpha_factor, restarts=restarts, random_init=random_init)
+        self.norm = norm
+        self.steps, self.alpha_factor, self.restarts = steps, alpha_factor, restarts
+        self.random_init = random_init
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha_factor * eps / self.steps
+        best, best_loss, best_fooled = x.clone(), torch.full((len(x),), -float("inf"), device=x.device), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            init = random_start(x, eps, self.norm, self.generator) if self.random_init else None
+            adv = pgd_steps(self.model, x, y, eps, self.steps, alpha, self.norm, init)
+            if self.restarts == 1:
+                return adv
+            with torch.no_grad():
+                logits = self.model(adv)
+                loss = per_sample_ce(logits, y)
+                fooled = logits.argmax(1) != y
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best[better], best_loss[better], best_fooled[better] = adv[better], loss[better], fooled[better]
+        return best
+
+
+class FGSM(Attack):
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps (L-infinity)."""
+
+    name: ClassVar[str] = "fgsm"
+
+    def __init__(self, model: nn.Module, batch_size: int = 256, **_: Any) -> None:
+        super().__init__(model, batch_size)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return pgd_steps(self.model, x, y, eps, 1, eps)

@@ -1,0 +1,54 @@
+"""Shared fixtures. Real data and the full stack are optional on a laptop and mandatory in CI:
+.ci/run sets DPAAT_REQUIRE_DATA=1 and DPAAT_REQUIRE_FULLSTACK=1, which turn a skip into a failure."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from models.data import default_data_root
+
+
+def _require(flag: str, reason: str) -> None:
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"{reason} ({flag}=1 makes this mandatory)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ham_root() -> Path:
+    """The shared HAM10000 copy (DPAAT_DATA_ROOT or ../shared/data/ham10000)."""
+    root = default_data_root()
+    if root is None or not (root / "labels.csv").is_file():
+        _require("DPAAT_REQUIRE_DATA", "HAM10000 not found: set DPAAT_DATA_ROOT")
+    assert root is not None
+    return root
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get(
+        "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    if not _reachable("127.0.0.1", 5432):
+        _require("DPAAT_REQUIRE_FULLSTACK", "PostgreSQL not reachable on 127.0.0.1:5432")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if not _reachable("127.0.0.1", 6379):
+        _require("DPAAT_REQUIRE_FULLSTACK", "Redis not reachable on 127.0.0.1:6379")
+    return url
