@@ -1,0 +1,1 @@
+"""DPAAT robustness evaluation service: FastAPI front end, database, job state machine, storage."""

@@ -1,0 +1,41 @@
+"""The `dpaat` command line: ML commands (train, evaluate, predict), the demo, and the server
+commands (serve, worker, migrate). Heavy imports (torch, FastAPI, Celery) happen inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+from models import cli as ml_cli
+
+cli = typer.Typer(
+    help="DPAAT: adversarial training and robustness audits for medical image classifiers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+ml_cli.register(cli)
+
+
+def _register_server() -> None:
+    from app import server_cli
+
+    server_cli.register(cli)
+
+
+_register_server()
+
+
+@cli.command("demo")
+def demo_cmd(
+    out: str = typer.Option("runs/demo", help="Where the demo writes its run."),
+    data: str | None = typer.Option(None, help="Dataset folder (default: the shared HAM10000)."),
+    epochs: int = typer.Option(3, min=1),
+    limit: int = typer.Option(600, min=16, help="Images per split part (CPU-sized)."),
+) -> None:
+    """Train DPAAT, evaluate it and predict with robustness scores, end to end."""
+    from app.demo import run_demo
+
+    raise typer.Exit(run_demo(out=out, data=data, epochs=epochs, limit=limit))
+
+
+def main() -> None:
+    cli()
