@@ -260,8 +260,8 @@ def subsample(samples: list[Sample], limit: int | None, seed: int = 0) -> list[S
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """An RGB image file as a uint8 tensor (3, size, size)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        with Image.open(path) as src:
+            im = src.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8).copy()
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e

@@ -26,6 +26,8 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.cam_layer = cam_layer
         self.arch = arch
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 

@@ -1,0 +1,408 @@
+"""The evaluation protocol of docs/dpaat.md: clean and worst-case robust metrics over a list of
+attacks and radii, the robustness curve, Grad-CAM lesion focus and the validity checks, returned as
+the report dict (the contract shared by the CLI, the API and CI audits; see docs/decisions).
+
+All epsilons in the report are in 1/255 units; attacks receive pixel units.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from models.attacks import Attack, make_attack, per_sample_ce
+from models.data import TensorImageDataset
+from models.evaluation import checks as ck
+from models.evaluation.gradcam import grad_cam, lesion_focus
+from models.evaluation.metrics import classification_metrics
+from models.evaluation.report import to_jsonable
+
+REPORT_VERSION = 1
+DEFAULT_EPS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 20})
+Progress = Callable[[str, float], None]
+# share of the progress bar per stage: the attacks dominate the run time
+_CLEAN, _ATTACKS = 0.05, 0.85
+# attacks run their full budget even at eps = 0 (Square: every query), so this check stays small
+_EPS_ZERO_SAMPLES = 8
+
+
+def eps_key(eps: float) -> str:
+    """The key of an eps (1/255 units) in ``report["robust"]``: ``0``, ``0.5``, ``2``..."""
+    return f"{float(eps):g}"
+
+
+def build_attack(spec: Mapping[str, Any], model: nn.Module) -> Attack:
+    """An attack from its spec ``{"name": ..., **params}`` (see ``models.attacks.make_attack``)."""
+    params = dict(spec)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"attack spec {dict(spec)!r} has no name")
+    return make_attack(name, model, **params)
+
+
+def _labels(specs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Unique labels: the attack name, numbered when the same attack runs twice."""
+    names = [str(s.get("name")) for s in specs]
+    return [
+        n if names.count(n) == 1 else f"{n}-{names[: i + 1].count(n)}" for i, n in enumerate(names)
+    ]
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _Timer:
+    """Seconds per named stage (CUDA work is synchronised before reading the clock)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def add(self, key: str, since: float) -> float:
+        t = self.now()
+        self.totals[key] = self.totals.get(key, 0.0) + t - since
+        return t
+
+
+def _acc_bacc(correct: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, float | None]:
+    """Accuracy and balanced accuracy from a per-sample correctness mask."""
+    hit = correct.double()  # float64 like the metrics module, so the numbers compare exactly
+    recalls = [float(hit[y == c].mean()) for c in range(k) if bool((y == c).any())]
+    return {
+        "accuracy": float(hit.mean()),
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+    }
+
+
+def _nanmean(t: torch.Tensor) -> tuple[float | None, int]:
+    """Mean of the finite values and the number of NaNs (maps with no mass) left out."""
+    ok = torch.isfinite(t)
+    return (float(t[ok].mean()) if bool(ok.any()) else None), int((~ok).sum())
+
+
+def curve_auc(points: Sequence[tuple[float, float]]) -> float | None:
+    """Area under robust accuracy vs eps (trapezoid) over the eps range; None for one point."""
+    pts = sorted(points)
+    span = pts[-1][0] - pts[0][0] if pts else 0.0
+    if span <= 0:
+        return None
+    area = sum((e1 - e0) * (a0 + a1) / 2 for (e0, a0), (e1, a1) in itertools.pairwise(pts))
+    return area / span
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: TensorImageDataset,
+    *,
+    eps_list: Sequence[float] = DEFAULT_EPS,
+    attacks: Sequence[Mapping[str, Any]] = DEFAULT_ATTACKS,
+    batch_size: int = 128,
+    gradcam: bool = True,
+    model_info: Mapping[str, Any],
+    dataset_info: Mapping[str, Any],
+    progress: Progress | None = None,
+    seed: int = 0,
+    cam_eps: float = 2.0,
+    check_samples: int = 100,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset`` under every attack of ``attacks`` at every eps of
+    ``eps_list`` (1/255 units) and return the report dict.
+
+    Robust metrics at an eps use, per sample, the worst case over the clean input and every attack
+    (a sample counts as robust only when nothing fooled it). Probability-based metrics (mAP, AUROC)
+    use that worst-case example's probabilities: among the candidates that fool the sample the one
+    with the highest cross-entropy, else the one with the highest cross-entropy. Lesion focus
+    (Grad-CAM of the predicted class) is computed clean and at the eps of ``eps_list`` nearest
+    ``cam_eps``, when ``gradcam`` is on and the dataset has masks. ``check_samples`` caps the
+    subset used by the model-level validity checks. ``progress(stage, fraction)`` reports the
+    overall fraction done.
+    The model is evaluated in eval mode and handed back in the mode it came in.
+    """
+    eps_sorted = sorted({float(e) for e in eps_list})
+    if not eps_sorted or any(not np.isfinite(e) or e < 0 for e in eps_sorted):
+        raise ValueError(f"eps_list must be non-empty, finite and >= 0, got {list(eps_list)}")
+    if not attacks:
+        raise ValueError("at least one attack is needed")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    info_classes = model_info.get("classes")
+    if info_classes is not None and list(info_classes) != list(dataset.classes):
+        raise ValueError(
+            f"model classes {list(info_classes)} differ from the dataset's {list(dataset.classes)}"
+        )
+
+    device = _device(model)
+    given_training = model.training
+    model.eval()
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            report = _evaluate(
+                model, dataset, eps_sorted, attacks, batch_size, gradcam, model_info, dataset_info,
+                progress, seed, cam_eps, check_samples, given_training, device,
+            )  # fmt: skip
+    finally:
+        model.train(given_training)
+    return report
+
+
+def _evaluate(
+    model: nn.Module,
+    dataset: TensorImageDataset,
+    eps_sorted: list[float],
+    attack_specs: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    gradcam: bool,
+    model_info: Mapping[str, Any],
+    dataset_info: Mapping[str, Any],
+    progress: Progress | None,
+    seed: int,
+    cam_eps: float,
+    check_samples: int,
+    given_training: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    timer = _Timer(device)
+    t_total = timer.now()
+    report_progress = progress or (lambda _stage, _fraction: None)
+    classes = list(dataset.classes)
+    k, n = len(classes), len(dataset)
+    labels = dataset.labels.cpu()
+    chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    masks = dataset.masks if gradcam else None
+
+    def chunk(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return dataset.images[sl].to(device).float().div_(255.0), labels[sl].to(device)
+
+    labels_list = _labels(attack_specs)
+    attacks = {
+        lbl: build_attack(spec, model) for lbl, spec in zip(labels_list, attack_specs, strict=True)
+    }
+    described = [{"label": lbl, **a.describe()} for lbl, a in attacks.items()]
+    norms = {str(d.get("norm", "linf")) for d in described}
+    if len(norms) != 1:
+        raise ValueError(f"all attacks must share one norm, got {sorted(norms)}")
+    norm = norms.pop()
+    names = {lbl: str(spec["name"]) for lbl, spec in zip(labels_list, attack_specs, strict=True)}
+
+    # ---------------------------------------------------------------- clean pass (+ Grad-CAM)
+    report_progress("clean", 0.0)
+    logits = torch.empty(n, k)
+    focus_clean = torch.full((n,), float("nan"))
+    for i, sl in enumerate(chunks):
+        t = timer.now()
+        x, _ = chunk(sl)
+        with torch.no_grad():
+            out = model(x).float()
+        if out.shape != (len(x), k):
+            raise ValueError(
+                f"the model returned shape {tuple(out.shape)}, expected ({len(x)}, {k})"
+            )
+        logits[sl] = out.cpu()
+        t = timer.add("clean", t)
+        if masks is not None:
+            focus_clean[sl] = lesion_focus(
+                grad_cam(model, x, batch_size=batch_size), masks[sl]
+            ).cpu()
+            timer.add("gradcam", t)
+        report_progress("clean", _CLEAN * (i + 1) / len(chunks))
+    clean_probs = torch.softmax(logits, dim=1)
+    clean_correct = logits.argmax(1) == labels
+    clean_loss = per_sample_ce(logits, labels)
+    clean_metrics = classification_metrics(clean_probs, labels, classes)
+
+    # ---------------------------------------------------------------- attacks, eps by eps
+    positive = [e for e in eps_sorted if e > 0]
+    adv_cam_eps = min(positive, key=lambda e: (abs(e - cam_eps), e)) if positive else None
+    focus_adv = torch.full((n,), float("nan"))
+    worst_probs: dict[float, torch.Tensor] = {}
+    correct: dict[float, dict[str, torch.Tensor]] = {}  # clean-correct and correct on the attack
+    fooled: dict[float, dict[str, torch.Tensor]] = {}  # attack's prediction wrong
+    budget_excess, out_of_range = 0.0, 0.0
+    units, done = max(1, len(positive) * len(chunks) * len(attacks)), 0
+    for eps in positive:
+        probs_e = clean_probs.clone()
+        correct[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in attacks}
+        fooled[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in attacks}
+        for sl in chunks:
+            x, y = chunk(sl)
+            # the clean input is the first candidate: it lies in every ball
+            best_fooled = ~clean_correct[sl].to(device)
+            best_loss = clean_loss[sl].to(device)
+            best_probs = clean_probs[sl].to(device)
+            best_x = x.clone() if eps == adv_cam_eps and masks is not None else None
+            for lbl, attack in attacks.items():
+                t = timer.now()
+                adv = attack(x, y, eps / 255.0)
+                with torch.no_grad():
+                    out = model(adv).float()
+                timer.add(f"attack:{lbl}", t)
+                delta = (adv - x).flatten(1)
+                size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+                budget_excess = max(budget_excess, float((size - eps / 255.0).max()))
+                out_of_range = max(out_of_range, float((adv - adv.clamp(0, 1)).abs().max()))
+                loss = per_sample_ce(out, y)
+                wrong = out.argmax(1) != y
+                fooled[eps][lbl][sl] = wrong.cpu()
+                correct[eps][lbl][sl] = (~wrong).cpu() & clean_correct[sl]
+                better = (wrong & ~best_fooled) | ((wrong == best_fooled) & (loss > best_loss))
+                best_fooled = best_fooled | wrong
+                best_loss = torch.where(better, loss, best_loss)
+                best_probs = torch.where(better[:, None], torch.softmax(out, 1), best_probs)
+                if best_x is not None:
+                    best_x = torch.where(better.view(-1, 1, 1, 1), adv, best_x)
+                done += 1
+                report_progress("attacks", _CLEAN + _ATTACKS * done / units)
+            probs_e[sl] = best_probs.cpu()
+            if best_x is not None and masks is not None:
+                t = timer.now()
+                focus_adv[sl] = lesion_focus(
+                    grad_cam(model, best_x, batch_size=batch_size), masks[sl]
+                ).cpu()
+                timer.add("gradcam", t)
+        worst_probs[eps] = probs_e
+
+    # ---------------------------------------------------------------- metrics per eps
+    robust: dict[str, Any] = {}
+    for eps in eps_sorted:
+        if eps == 0:
+            m = dict(clean_metrics)
+            per_attack = {lbl: _acc_bacc(clean_correct, labels, k) for lbl in attacks}
+        else:
+            m = classification_metrics(worst_probs[eps], labels, classes)
+            per_attack = {lbl: _acc_bacc(correct[eps][lbl], labels, k) for lbl in attacks}
+        robust[eps_key(eps)] = {"eps": eps, **m, "per_attack": per_attack}
+    curve = [(eps, robust[eps_key(eps)]["accuracy"]) for eps in eps_sorted]
+
+    # ---------------------------------------------------------------- validity checks
+    report_progress("checks", _CLEAN + _ATTACKS)
+    t = timer.now()
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, check_samples)]
+    xs, ys = dataset.images[pick].to(device).float().div_(255.0), labels[pick].to(device)
+    per_attack_curves = {
+        lbl: {eps: robust[eps_key(eps)]["per_attack"][lbl]["accuracy"] for eps in eps_sorted}
+        for lbl in attacks
+    }
+    check_list = [
+        ck.check_logits(logits, k),
+        ck.check_eval_deterministic(model, xs, given_training),
+        ck.check_gradients(model, xs, ys),
+        ck.check_eps_zero(attacks, xs[:_EPS_ZERO_SAMPLES], ys[:_EPS_ZERO_SAMPLES]),
+        ck.check_budget(budget_excess, out_of_range),
+        ck.check_monotone(
+            {
+                "worst case": curve,
+                **{lbl: sorted(c.items()) for lbl, c in per_attack_curves.items()},
+            },
+            n,
+        ),
+        ck.check_iterative_vs_fgsm(per_attack_curves, names, n),
+        ck.check_large_eps(model, xs, ys),
+        ck.check_black_box(fooled, names, n),
+    ]
+    timer.add("checks", t)
+
+    focus: dict[str, Any] | None = None
+    if masks is not None:
+        clean_mean, clean_empty = _nanmean(focus_clean)
+        adv_mean, adv_empty = _nanmean(focus_adv) if adv_cam_eps is not None else (None, 0)
+        focus = {
+            "clean": clean_mean,
+            "adversarial": adv_mean,
+            "eps": adv_cam_eps,
+            "explained_class": "predicted",
+            "samples": n,
+            "empty_maps": {"clean": clean_empty, "adversarial": adv_empty},
+        }
+
+    timer.add("total", t_total)
+    tt = timer.totals
+    report = {
+        "report_version": REPORT_VERSION,
+        "created_at": started_at,
+        "model": {
+            "architecture": model_info.get("arch", getattr(model, "arch", None)),
+            "classes": classes,
+            "input_size": int(model_info.get("image_size", dataset.image_size)),
+            "checkpoint_sha256": model_info.get("checkpoint_sha256"),
+            "method": model_info.get("method"),
+            "num_params": int(
+                model_info.get("num_params", sum(p.numel() for p in model.parameters()))
+            ),
+        },
+        "dataset": {
+            **{
+                key: v for key, v in dataset_info.items() if isinstance(v, str | int | float | None)
+            },
+            "name": dataset_info.get("name"),
+            "split": dataset_info.get("split"),
+            "manifest_sha256": dataset_info.get("manifest_sha256"),
+            "samples": n,
+            "class_counts": dict(zip(classes, dataset.class_counts(), strict=True)),
+            "image_size": dataset.image_size,
+            "has_masks": dataset.masks is not None,
+        },
+        "threat_model": {
+            "norm": norm,
+            "eps": eps_sorted,
+            "eps_unit": "1/255",
+            "attacks": described,
+            "robust_metric": "per-sample worst case over the clean input and every attack",
+        },
+        "clean": clean_metrics,
+        "robust": robust,
+        "curve": {"eps": [e for e, _ in curve], "accuracy": [a for _, a in curve]},
+        "curve_auc": curve_auc(curve),
+        "lesion_focus": focus,
+        "checks": check_list,
+        "verdict": ck.verdict(check_list),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "dpaat": _package_version("dpaat"),
+            "seed": seed,
+            "device": str(device),
+        },
+        "timings": {
+            "total_s": tt["total"],
+            "clean_s": tt.get("clean", 0.0),
+            "gradcam_s": tt.get("gradcam", 0.0),
+            "checks_s": tt.get("checks", 0.0),
+            "attacks_s": {lbl: tt.get(f"attack:{lbl}", 0.0) for lbl in attacks},
+        },
+    }
+    report_progress("done", 1.0)
+    return to_jsonable(report)

@@ -1,0 +1,94 @@
+"""Grad-CAM (Selvaraju et al. 2017) on a classifier's ``cam_layer`` and the lesion-focus score.
+
+The model runs in eval mode (BatchNorm statistics untouched) with frozen parameters, the hook is
+removed and the model's mode restored afterwards, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attacks.base import attack_mode
+
+
+def _cam_layer(model: nn.Module) -> nn.Module:
+    layer = getattr(model, "cam_layer", None)
+    if not isinstance(layer, nn.Module):
+        raise ValueError("the model has no .cam_layer (build it with models.nets.build_model)")
+    return layer
+
+
+def _cam_chunk(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, class_idx: torch.Tensor | None
+) -> torch.Tensor:
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        store["act"] = out
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        # parameters are frozen, so the input must require grad for the activations to have a graph
+        logits = model(x.detach().requires_grad_(True))
+    finally:
+        handle.remove()
+    act = store.get("act")
+    if not isinstance(act, torch.Tensor) or act.ndim != 4:
+        raise ValueError("cam_layer must output a (N, C, h, w) feature map")
+    target = logits.argmax(1) if class_idx is None else class_idx
+    score = logits.gather(1, target.view(-1, 1)).sum()  # samples are independent in eval mode
+    (grad,) = torch.autograd.grad(score, act)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients per channel
+    cam = F.relu((weights * act.detach()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    peak = cam.flatten(1).amax(dim=1).view(-1, 1, 1)
+    # divide by the peak (not min-max) so the shares of CAM mass, which lesion focus uses, are kept
+    # no epsilon clamp: activations of an untrained net can be ~1e-13 and still carry a valid map
+    return (cam / torch.where(peak > 0, peak, torch.ones_like(peak))).detach()
+
+
+def grad_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    class_idx: int | torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) in [0, 1] of images ``x`` (N, C, H, W) in [0, 1].
+
+    ``class_idx``: the class to explain, one int for all images or a tensor (N,); None explains each
+    image's predicted class. Each map is upsampled to the input size and divided by its maximum; a
+    map with no positive evidence is all zeros.
+    """
+    layer = _cam_layer(model)
+    n = len(x)
+    targets: torch.Tensor | None = None
+    if class_idx is not None:
+        targets = torch.as_tensor(class_idx, dtype=torch.long, device=x.device)
+        targets = targets.expand(n) if targets.ndim == 0 else targets
+        if targets.shape != (n,):
+            raise ValueError(f"class_idx must be an int or have shape ({n},)")
+    out = torch.empty(n, *x.shape[-2:], dtype=torch.float32, device=x.device)
+    with attack_mode(model), torch.enable_grad():
+        for s in range(0, n, batch_size):
+            sl = slice(s, s + batch_size)
+            t = targets[sl] if targets is not None else None
+            out[sl] = _cam_chunk(model, layer, x[sl], t).float()
+    return out
+
+
+def lesion_focus(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of each map's mass inside the lesion mask, (N,) in [0, 1].
+
+    A map with no mass has no focus: NaN, which callers leave out of averages. A uniform map scores
+    the mask's area fraction; a map equal to the mask scores 1.
+    """
+    if cam.shape != mask.shape:
+        raise ValueError(f"cam {tuple(cam.shape)} and mask {tuple(mask.shape)} differ in shape")
+    c = cam.double().clamp_min(0).flatten(1)
+    m = mask.to(c.device).bool().flatten(1)
+    total = c.sum(dim=1)
+    inside = (c * m).sum(dim=1)
+    share = inside / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, share, torch.full_like(share, float("nan"))).float()
