@@ -1,0 +1,122 @@
+"""Service configuration: one pydantic-settings class, read from ``DPAAT_*`` environment variables.
+
+``DATABASE_URL`` and ``BROKER_URL`` are also accepted without the prefix (docker-compose and most
+hosting platforms set those names). No broker means the embedded mode: the same Celery tasks run
+by a worker inside the service process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/dpaat.db"
+
+
+def default_data_roots() -> list[Path]:
+    """The shared HAM10000 copy when present (DPAAT_DATA_ROOT, else ../shared/data/ham10000).
+
+    Mirrors ``models.data.default_data_root`` without importing it: that module imports torch and
+    the web process must start without it.
+    """
+    env = os.environ.get("DPAAT_DATA_ROOT")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000")
+    candidates.append(Path.cwd().parent / "shared" / "data" / "ham10000")
+    return [c.resolve() for c in candidates if c.is_dir()][:1]
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and the migrations need to know about the deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="DPAAT_", extra="ignore", populate_by_name=True)
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("DPAAT_DATABASE_URL", "DATABASE_URL"),
+    )
+    # None -> embedded mode (tasks run by a worker thread inside the service process).
+    broker_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DPAAT_BROKER_URL", "BROKER_URL")
+    )
+    artifact_dir: Path = Field(
+        default=Path("./var/artifacts"),
+        validation_alias=AliasChoices("DPAAT_ARTIFACT_DIR", "DPAAT_RESULT_DIR"),
+    )
+    # Server directories an admin allows clients to register as datasets (nothing outside them).
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=default_data_roots)
+    auto_migrate: bool = False  # apply Alembic migrations when the API starts
+
+    # Upload limits (checked before the whole body is read).
+    max_upload_mb: int = Field(default=512, gt=0)  # a dataset archive or a model's weights
+    max_image_mb: int = Field(default=10, gt=0)  # one image for prediction
+    max_batch_images: int = Field(default=16, gt=0)
+    max_image_pixels: int = Field(default=25_000_000, gt=0)  # decompression-bomb limit
+    max_archive_entries: int = Field(default=50_000, gt=0)
+    max_archive_extracted_mb: int = Field(default=4096, gt=0)
+
+    # Jobs.
+    lease_seconds: int = Field(default=60, gt=0)
+    heartbeat_seconds: int = Field(default=10, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    # A job queued this long without a worker is sent again (its message may have been lost).
+    stale_queued_seconds: int = Field(default=300, gt=0)
+    reap_interval_seconds: int = Field(default=30, gt=0)
+    train_queue: str = "train"
+    evaluate_queue: str = "evaluate"
+
+    # Prediction and streaming.
+    predictor_cache_size: int = Field(default=4, gt=0)  # loaded models kept in memory
+    predict_cap: float = Field(default=16.0, gt=0, le=64)  # eps_star search cap, 1/255 units
+    predict_steps: int = Field(default=10, gt=0, le=100)
+    sse_poll_seconds: float = Field(default=1.0, ge=0.01)  # DB poll rate of the progress stream
+    sse_max_seconds: float = Field(default=3600.0, gt=0)  # a stream ends after this at the latest
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        """Accept a JSON list or an ``os.pathsep``-separated string from the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [p for p in text.split(os.pathsep) if p]
+        return value
+
+    @field_validator("data_roots")
+    @classmethod
+    def _roots_absolute(cls, roots: list[Path]) -> list[Path]:
+        resolved = [Path(r).expanduser().resolve() for r in roots]
+        if any(r == Path(r.anchor) for r in resolved):
+            raise ValueError("a filesystem root cannot be a data root: name the dataset folders")
+        return resolved
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        # Outside development the artifact store must be an explicit, absolute location: a
+        # relative default silently depends on the working directory of each process.
+        if self.environment == "production" and not self.artifact_dir.is_absolute():
+            raise ValueError("DPAAT_ARTIFACT_DIR must be an absolute path in production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured (tasks run inside the service process)."""
+        return not self.broker_url
+
+    def queue_for(self, kind: str) -> str:
+        """The Celery queue of a job kind."""
+        return {"train": self.train_queue, "evaluate": self.evaluate_queue}[kind]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()

@@ -1,0 +1,121 @@
+"""The FastAPI application: ``create_app(settings)`` for tests and embedding, ``app`` for uvicorn
+(``uvicorn app.main:app``). Importing this module never imports torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import API_PREFIX, errors
+from app.api.limits import BodyLimitMiddleware
+from app.api.metrics import Metrics, MetricsMiddleware
+from app.api.routes import datasets, health, jobs, models, predict
+from app.core.settings import Settings, get_settings
+from app.db.session import make_engine, make_sessionmaker
+from app.schemas.common import ErrorOut
+from app.services.predictor import Predictor
+from app.services.storage import ArtifactStore
+from app.services.submissions import Dispatcher
+
+log = logging.getLogger(__name__)
+
+JSON_BODY_LIMIT = 1 << 20
+DESCRIPTION = """
+Robustness evaluation service for medical image classifiers.
+
+Upload or register a **dataset**, submit **training jobs** (DPAAT, dynamic perturbation-adaptive
+adversarial training, or a baseline: standard, pgd_at, trades, amat_external, iaat_flip) and
+**evaluation jobs** (FGSM, PGD, APGD, Square over an eps list, with Grad-CAM and validity checks),
+follow them live (server-sent events), then **predict** with a robustness score per image.
+
+All perturbation radii (eps) are in 1/255 units of [0, 1] pixels. Every object belongs to the
+`X-API-Key` that created it (none: the "local" owner); another key gets 404. Errors are JSON
+`{"detail": ...}`.
+"""
+
+
+def _default_dispatcher(job_id: str, kind: str) -> None:
+    """Send the job's task (imported on first use: Celery is not needed to serve reads)."""
+    from app.services.dispatch import dispatch
+
+    dispatch(job_id, kind)
+
+
+def _body_limits(settings: Settings) -> Callable[[str], int]:
+    uploads = settings.max_upload_mb << 20
+    images = (settings.max_image_mb << 20) * settings.max_batch_images + (1 << 20)
+
+    def limit_for(path: str) -> int:
+        if path.endswith("/predict") or path.endswith("/predict/batch"):
+            return images
+        if path.rstrip("/") in (f"{API_PREFIX}/datasets", f"{API_PREFIX}/models"):
+            return uploads
+        return JSON_BODY_LIMIT
+
+    return limit_for
+
+
+def create_app(
+    settings: Settings | None = None, *, dispatcher: Dispatcher | None = None
+) -> FastAPI:
+    """An application bound to ``settings`` (default: the environment's).
+
+    ``dispatcher(job_id, kind)`` sends a job's task (default: ``app.services.dispatch``).
+    """
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            from app.db.migrate import upgrade
+
+            upgrade(settings.database_url)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="DPAAT robustness service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={
+            400: {"model": ErrorOut, "description": "Malformed request (unparsable body)"},
+            413: {"model": ErrorOut, "description": "Request body over the size limit"},
+        },
+        openapi_tags=[
+            {"name": "datasets", "description": "Labelled image collections."},
+            {"name": "jobs", "description": "Training and evaluation jobs."},
+            {"name": "models", "description": "Trained and uploaded classifiers, reports."},
+            {"name": "predict", "description": "Robust classification of images."},
+            {"name": "health", "description": "Liveness, readiness, metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = ArtifactStore(settings.artifact_dir)
+    app.state.predictor = Predictor(settings.predictor_cache_size)
+    app.state.dispatcher = dispatcher or _default_dispatcher
+    app.state.metrics = Metrics()
+
+    errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+
+    # Each router carries its full prefix, so metrics see the full route template.
+    for module in (datasets, jobs, models, predict, health):
+        app.include_router(module.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``app`` is built on first access, so importing this module reads no environment and opens
+    # no database (tests import create_app without side effects); uvicorn's "app.main:app" works.
+    if name == "app":
+        instance = globals()["app"] = create_app()
+        return instance
+    raise AttributeError(name)

@@ -1,0 +1,240 @@
+"""Datasets: upload an archive or register a server directory, validate, count, list, delete.
+
+Validation reads the layout with ``models.data.load_samples`` (imported on first use: it brings
+torch, which the web process does not load at start). Each dataset gets its split manifest at
+creation, so every training and evaluation job on it uses the same lesion-grouped split.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.settings import Settings
+from app.db.tables import ACTIVE_STATUSES, Dataset, Job, new_id
+from app.services import archives
+from app.services.errors import Conflict, Invalid, NotFound
+from app.services.storage import SCHEME, ArtifactStore
+
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+def _describe(root: Path) -> dict[str, Any]:
+    """Validate the layout under ``root`` and describe it (classes, counts, split manifest)."""
+    from models.data import DataError, build_manifest, load_samples
+
+    try:
+        data = load_samples(root)
+    except DataError as e:
+        raise Invalid(f"not a dataset: {_relative(e, root)}") from e
+    counts = data.counts()
+    if sum(1 for n in counts.values() if n > 0) < 2:
+        raise Invalid(f"a dataset needs images of at least two classes, found {counts}")
+    for s in data.samples:
+        with open(s.image, "rb") as f:
+            head = f.read(8)
+        if not head.startswith(_IMAGE_MAGIC):
+            raise Invalid(f"{Path(s.image).name} is not a JPEG or PNG image")
+    manifest = build_manifest(data, seed=0)
+    return {
+        "layout": "ham10000" if (root / "labels.csv").is_file() else "class_folders",
+        "classes": list(data.classes),
+        "class_counts": counts,
+        "num_samples": len(data.samples),
+        "has_masks": all(s.mask for s in data.samples),
+        "manifest": manifest,
+    }
+
+
+def _relative(error: Exception, root: Path) -> str:
+    """An error message without the server's directory layout."""
+    return str(error).replace(str(root) + "/", "").replace(str(root), ".")
+
+
+def _folder_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _save(
+    session: Session,
+    store: ArtifactStore,
+    dataset_id: str,
+    *,
+    owner: str,
+    name: str,
+    source: str,
+    root: str,
+    described: dict[str, Any],
+    size_bytes: int,
+    archive_sha256: str | None = None,
+) -> Dataset:
+    manifest = described["manifest"]
+    manifest_path = store.dir_for("datasets", dataset_id) / "manifest.json"
+    ref = store.write_text_atomic(manifest_path, manifest.to_json())
+    row = Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        source=source,
+        layout=described["layout"],
+        root=root,
+        manifest_uri=ref.uri,
+        manifest_sha256=manifest.sha256,
+        classes=described["classes"],
+        class_counts=described["class_counts"],
+        num_samples=described["num_samples"],
+        has_masks=described["has_masks"],
+        archive_sha256=archive_sha256,
+        size_bytes=size_bytes,
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def create_from_archive(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    owner: str,
+    name: str,
+    upload: BinaryIO,
+) -> Dataset:
+    """Store an uploaded zip / tar.gz archive, extract it safely, validate it, record it.
+
+    Nothing is kept when any step fails: the partial folder and the archive are removed.
+    """
+    dataset_id = new_id()
+    work = store.temp_dir()
+    final = store.root / "datasets" / dataset_id
+    try:
+        archive_path = work / "upload"
+        _size, archive_sha256 = store.spool(
+            upload, archive_path, max_bytes=settings.max_upload_mb << 20
+        )
+        archives.safe_extract(
+            archive_path,
+            work / "data",
+            max_entries=settings.max_archive_entries,
+            max_bytes=settings.max_archive_extracted_mb << 20,
+        )
+        archive_path.unlink()
+        root = archives.dataset_root(work / "data")
+        described = _describe(root)
+        final.mkdir(parents=True)
+        shutil.move(str(work / "data"), str(final / "data"))
+        moved_root = final / "data" / root.relative_to(work / "data")
+        return _save(
+            session,
+            store,
+            dataset_id,
+            owner=owner,
+            name=name,
+            source="upload",
+            root=store.uri_for(moved_root),
+            described=described,
+            size_bytes=_folder_size(final / "data"),
+            archive_sha256=archive_sha256,
+        )
+    except BaseException:
+        session.rollback()
+        archives.remove_tree(final)
+        raise
+    finally:
+        archives.remove_tree(work)
+
+
+def register_directory(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    owner: str,
+    name: str | None,
+    path: str,
+) -> Dataset:
+    """Record a server directory under one of ``settings.data_roots`` (read in place, never
+    copied or deleted)."""
+    requested = Path(path)
+    if not requested.is_absolute():
+        raise Invalid("path must be absolute")
+    resolved = requested.resolve()  # follows symlinks: containment is checked on the real path
+    if not any(resolved == r or resolved.is_relative_to(r) for r in settings.data_roots):
+        raise Invalid("path is not under a data root this server allows (settings.data_roots)")
+    if not resolved.is_dir():
+        raise Invalid("path is not a directory")
+    described = _describe(resolved)
+    dataset_id = new_id()
+    try:
+        return _save(
+            session,
+            store,
+            dataset_id,
+            owner=owner,
+            name=name or resolved.name,
+            source="registered",
+            root=str(resolved),
+            described=described,
+            size_bytes=0,
+        )
+    except BaseException:
+        session.rollback()
+        archives.remove_tree(store.root / "datasets" / dataset_id)
+        raise
+
+
+def get_dataset(session: Session, dataset_id: str, owner: str | None = None) -> Dataset:
+    """The dataset with this id (of this owner when given); ``NotFound`` otherwise."""
+    row = session.get(Dataset, dataset_id)
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFound(f"dataset {dataset_id} not found")
+    return row
+
+
+def list_datasets(
+    session: Session, owner: str, *, limit: int = 50, offset: int = 0
+) -> tuple[list[Dataset], int]:
+    """A page of the owner's datasets, newest first, and their total."""
+    total = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.owner == owner))
+    rows = session.scalars(
+        select(Dataset)
+        .where(Dataset.owner == owner)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), int(total or 0)
+
+
+def delete_dataset(session: Session, store: ArtifactStore, dataset_id: str, owner: str) -> None:
+    """Delete a dataset and its stored files; ``Conflict`` while a job still needs it.
+
+    A registered directory is never touched (only its manifest in the store is removed). Models
+    and finished jobs keep working: their ``dataset_id`` becomes null.
+    """
+    row = get_dataset(session, dataset_id, owner)
+    busy = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.dataset_id == dataset_id, Job.status.in_([s.value for s in ACTIVE_STATUSES]))
+    )
+    if busy:
+        raise Conflict(f"dataset {dataset_id} is used by {busy} unfinished job(s)")
+    session.delete(row)
+    session.commit()
+    store.delete(SCHEME + f"datasets/{dataset_id}")
+
+
+def dataset_root(row: Dataset, store: ArtifactStore) -> Path:
+    """The folder the dataset's images are read from."""
+    return store.path(row.root) if row.root.startswith(SCHEME) else Path(row.root)
+
+
+def manifest_path(row: Dataset, store: ArtifactStore) -> Path:
+    """The dataset's split manifest (every job on the dataset uses this split)."""
+    return store.path(row.manifest_uri)

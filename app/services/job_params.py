@@ -1,0 +1,95 @@
+"""Turn a job row into the arguments of ``models.api.train`` / ``models.api.evaluate``.
+
+The API stores what the client asked for (``TrainJobRequest`` / ``EvaluateJobRequest`` as JSON in
+``job.params``); the server-side paths (dataset folder, split manifest, checkpoints) are resolved
+here, when the worker runs the job, so artifact stores mounted at different paths still work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db.tables import Dataset, Job, Model
+from app.services import datasets
+from app.services.errors import Invalid
+from app.services.storage import ArtifactStore
+
+
+def job_dir(store: ArtifactStore, job_id: str) -> Path:
+    """``<artifact_dir>/jobs/<job_id>``: a job's outputs; a re-queued job resumes from it."""
+    return store.dir_for("jobs", job_id)
+
+
+def _dataset(session: Session, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise Invalid(f"dataset {dataset_id} was deleted")
+    return row
+
+
+def _model(session: Session, model_id: str) -> Model:
+    row = session.get(Model, model_id)
+    if row is None:
+        raise Invalid(f"model {model_id} no longer exists")
+    return row
+
+
+def weights_path(model: Model, store: ArtifactStore) -> Path:
+    """Where a model's weights file is (a training checkpoint or an uploaded safetensors)."""
+    return store.path(model.weights_uri)
+
+
+def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, Any]:
+    """The ``TrainConfig`` dict of a training job (``TrainConfig.from_dict`` accepts it)."""
+    if job.kind != "train":
+        raise Invalid(f"job {job.id} is not a training job")
+    params = job.params
+    config: dict[str, Any] = dict(params.get("config") or {})
+    config["device"] = "auto"
+    if params.get("dataset_id"):
+        ds = _dataset(session, params["dataset_id"])
+        config["data_root"] = str(datasets.dataset_root(ds, store))
+        config["manifest"] = str(datasets.manifest_path(ds, store))
+    else:  # generated data; the split is implied by the seed
+        config["data_root"] = None
+        config["manifest"] = None
+    if params.get("reference_model_id"):
+        ref = _model(session, params["reference_model_id"])
+        if ref.weights_format != "checkpoint":
+            raise Invalid("the reference model must be a model trained by this service")
+        config["reference_checkpoint"] = str(weights_path(ref, store))
+    return config
+
+
+def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str, Any]:
+    """Keyword arguments of ``models.api.evaluate`` for an evaluation job (``out_dir`` excluded).
+
+    The dataset defaults to the one the model was trained on; with neither, ``evaluate`` falls
+    back to the data recorded in the checkpoint (the generated set of a demo run).
+    """
+    if job.kind != "evaluate":
+        raise Invalid(f"job {job.id} is not an evaluation job")
+    params = job.params
+    model = _model(session, params["model_id"])
+    args: dict[str, Any] = {
+        "checkpoint": str(weights_path(model, store)),
+        "part": params.get("part", "test"),
+        "limit": params.get("limit"),
+        "eps_list": list(params.get("eps_list") or []),
+        "attacks": [
+            {k: v for k, v in a.items() if v is not None} for a in params.get("attacks") or []
+        ],
+        "gradcam": bool(params.get("gradcam", True)),
+        "batch_size": int(params.get("batch_size", 128)),
+        "data_root": None,
+        "manifest": None,
+    }
+    dataset_id = params.get("dataset_id") or model.dataset_id
+    if dataset_id:
+        ds = _dataset(session, dataset_id)
+        args["data_root"] = str(datasets.dataset_root(ds, store))
+        args["manifest"] = str(datasets.manifest_path(ds, store))
+    return args

@@ -1,0 +1,281 @@
+"""The model registry: trained models (registered by the worker when a training job finishes),
+uploaded models (safetensors + description), and their evaluation reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.tables import Artifact, Evaluation, Job, Model
+from app.services.errors import Invalid, NotFound
+from app.services.storage import ArtifactRef, ArtifactStore
+
+_REPORT_KINDS = {
+    ".json": "report_json",
+    ".md": "report_md",
+    ".png": "report_plot",
+    ".xml": "report_junit",
+}
+
+
+def _default_store() -> ArtifactStore:
+    from app.core.settings import get_settings
+
+    return ArtifactStore(get_settings().artifact_dir)
+
+
+def _stored(store: ArtifactStore, path: str | Path) -> ArtifactRef:
+    """A file's reference, copied into the store first when it lives elsewhere."""
+    try:
+        return store.ref(path)
+    except Invalid:
+        if not Path(path).is_file():
+            raise
+        return store.put_file(path)
+
+
+def _add_artifact(
+    session: Session,
+    ref: ArtifactRef,
+    *,
+    owner: str,
+    kind: str,
+    job_id: str | None = None,
+    model_id: str | None = None,
+) -> Artifact:
+    row = Artifact(
+        owner=owner,
+        uri=ref.uri,
+        size=ref.size,
+        sha256=ref.sha256,
+        kind=kind,
+        job_id=job_id,
+        model_id=model_id,
+    )
+    session.add(row)
+    return row
+
+
+def register_trained_model(
+    session: Session,
+    job: Job,
+    checkpoint_path: str | Path,
+    model_info: Mapping[str, Any],
+    *,
+    checkpoint_sha256: str | None = None,
+    report: Mapping[str, Any] | None = None,
+    report_files: Mapping[str, str | Path] | None = None,
+    name: str | None = None,
+    store: ArtifactStore | None = None,
+) -> Model:
+    """Record the model a training job produced (idempotent: a job registers one model).
+
+    ``model_info`` is ``TrainResult.model_info`` (arch, classes, image_size, method, ...). The
+    checkpoint stays where the worker wrote it when that is inside the artifact store (its job
+    folder), and is copied in otherwise. ``report`` (+ the files ``write_report`` wrote) records an
+    evaluation of the new model when the job ran one. Commits.
+    """
+    existing = session.scalars(select(Model).where(Model.job_id == job.id)).one_or_none()
+    if existing is not None:
+        return existing
+    for key in ("arch", "classes", "image_size"):
+        if key not in model_info:
+            raise Invalid(f"model_info lacks {key!r}")
+    store = store or _default_store()
+    ref = _stored(store, checkpoint_path)
+    if checkpoint_sha256 is not None and checkpoint_sha256 != ref.sha256:
+        raise Invalid("the checkpoint changed while it was being registered (sha256 mismatch)")
+    arch = str(model_info["arch"])
+    method = model_info.get("method") or job.params.get("config", {}).get("method")
+    model = Model(
+        owner=job.owner,
+        name=name or job.params.get("name") or f"{arch}-{method or 'model'}-{job.id[:8]}",
+        source="trained",
+        weights_format="checkpoint",
+        architecture=arch,
+        classes=[str(c) for c in model_info["classes"]],
+        image_size=int(model_info["image_size"]),
+        training_method=str(method) if method else None,
+        checkpoint_sha256=ref.sha256,
+        weights_uri=ref.uri,
+        info=_jsonable(model_info),
+        job_id=job.id,
+        dataset_id=job.dataset_id,
+    )
+    session.add(model)
+    session.flush()
+    _add_artifact(
+        session, ref, owner=job.owner, kind="checkpoint", job_id=job.id, model_id=model.id
+    )
+    if report is not None:
+        _add_evaluation(session, store, model, report, report_files, job=None)
+    session.commit()
+    return model
+
+
+def register_evaluation(
+    session: Session,
+    job: Job,
+    model_id: str,
+    report: Mapping[str, Any],
+    report_files: Mapping[str, str | Path] | None = None,
+    *,
+    store: ArtifactStore | None = None,
+) -> Evaluation:
+    """Record the report of an evaluation job (idempotent per job). Commits."""
+    existing = session.scalars(select(Evaluation).where(Evaluation.job_id == job.id)).one_or_none()
+    if existing is not None:
+        return existing
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    store = store or _default_store()
+    evaluation = _add_evaluation(session, store, model, report, report_files, job)
+    session.commit()
+    return evaluation
+
+
+def _add_evaluation(
+    session: Session,
+    store: ArtifactStore,
+    model: Model,
+    report: Mapping[str, Any],
+    report_files: Mapping[str, str | Path] | None,
+    job: Job | None,
+) -> Evaluation:
+    uris: dict[str, str] = {}
+    for path in (report_files or {}).values():
+        kind = _REPORT_KINDS.get(Path(path).suffix.lower(), "other")
+        ref = _stored(store, path)
+        _add_artifact(
+            session,
+            ref,
+            owner=model.owner,
+            kind=kind,
+            job_id=job.id if job else model.job_id,
+            model_id=model.id,
+        )
+        uris[kind] = ref.uri
+    evaluation = Evaluation(
+        owner=model.owner,
+        model_id=model.id,
+        dataset_id=job.dataset_id if job else model.dataset_id,
+        job_id=job.id if job else None,
+        report=_jsonable(report),
+        verdict=str(report.get("verdict", "unknown"))[:16],
+        report_md_uri=uris.get("report_md"),
+        plot_uri=uris.get("report_plot"),
+    )
+    session.add(evaluation)
+    session.flush()
+    return evaluation
+
+
+def register_uploaded_model(
+    session: Session,
+    *,
+    owner: str,
+    ref: ArtifactRef,
+    description: Mapping[str, Any],
+) -> Model:
+    """Record an uploaded safetensors model whose file and description were already validated."""
+    model = Model(
+        owner=owner,
+        name=str(description.get("name") or f"{description['architecture']}-upload"),
+        source="uploaded",
+        weights_format="safetensors",
+        architecture=str(description["architecture"]),
+        classes=list(description["classes"]),
+        image_size=int(description["image_size"]),
+        training_method=description.get("training_method"),
+        checkpoint_sha256=ref.sha256,
+        weights_uri=ref.uri,
+        info=_jsonable(description),
+    )
+    session.add(model)
+    session.flush()
+    _add_artifact(session, ref, owner=owner, kind="weights", model_id=model.id)
+    session.commit()
+    return model
+
+
+def get_model(session: Session, model_id: str, owner: str | None = None) -> Model:
+    """The model with this id (of this owner when given); ``NotFound`` otherwise."""
+    model = session.get(Model, model_id)
+    if model is None or (owner is not None and model.owner != owner):
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+def list_models(
+    session: Session, owner: str, *, limit: int = 50, offset: int = 0
+) -> tuple[list[Model], int]:
+    """A page of the owner's models, newest first, and their total."""
+    total = session.scalar(select(func.count()).select_from(Model).where(Model.owner == owner))
+    rows = session.scalars(
+        select(Model)
+        .where(Model.owner == owner)
+        .order_by(Model.created_at.desc(), Model.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), int(total or 0)
+
+
+def latest_evaluation(session: Session, model: Model) -> Evaluation | None:
+    """The newest evaluation of a model, if any."""
+    return session.scalars(
+        select(Evaluation)
+        .where(Evaluation.model_id == model.id)
+        .order_by(Evaluation.created_at.desc(), Evaluation.id)
+        .limit(1)
+    ).first()
+
+
+def _jsonable(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-safe copy (tuples -> lists, paths -> strings, numpy/torch scalars -> floats)."""
+    import json
+
+    return json.loads(json.dumps(dict(value), default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def upload_model(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    owner: str,
+    description: Mapping[str, Any],
+    weights: BinaryIO,
+    max_bytes: int,
+) -> Model:
+    """Store an uploaded safetensors file, check it against the described architecture (header,
+    tensor names and shapes) and register it. Nothing is kept when a check fails."""
+    from app.services import model_files
+
+    ref = store.put_stream(weights, ".safetensors", max_bytes=max_bytes)
+    try:
+        tensors = model_files.read_safetensors_header(store.path(ref.uri))
+        summary = model_files.check_against_architecture(
+            tensors, str(description["architecture"]), len(description["classes"])
+        )
+        return register_uploaded_model(
+            session, owner=owner, ref=ref, description={**description, **summary}
+        )
+    except BaseException:
+        session.rollback()
+        store.delete(ref.uri)
+        raise

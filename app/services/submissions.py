@@ -1,0 +1,101 @@
+"""Submitting jobs: check what a request refers to, commit the job row, then send its task.
+
+The row is committed before the message is sent, so a worker never receives a job it cannot
+find; a send that fails is left to the reaper (the job stays queued and is re-sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db.tables import Job
+from app.services import datasets, jobs, models_registry
+from app.services.errors import Invalid
+
+log = logging.getLogger(__name__)
+
+Dispatcher = Callable[[str, str], None]
+
+
+def _send(dispatcher: Dispatcher, job: Job) -> None:
+    try:
+        dispatcher(job.id, job.kind)
+    except Exception:  # the job is safe in the database; the reaper re-sends it
+        log.exception("job %s: could not send its task; the reaper will re-send it", job.id)
+
+
+def submit_train(
+    session: Session,
+    dispatcher: Dispatcher,
+    *,
+    owner: str,
+    params: dict[str, Any],
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Queue a training job (``params`` = a validated ``TrainJobRequest`` as JSON)."""
+    if (job := _replayed(session, "train", owner, params, idempotency_key)) is not None:
+        return job, False
+    if params.get("dataset_id"):
+        datasets.get_dataset(session, params["dataset_id"], owner)
+    if params.get("reference_model_id"):
+        ref = models_registry.get_model(session, params["reference_model_id"], owner)
+        if ref.weights_format != "checkpoint" or ref.training_method != "standard":
+            raise Invalid("reference_model_id must name a 'standard' model trained by this service")
+    return _submit(session, dispatcher, "train", owner, params, idempotency_key)
+
+
+def submit_evaluate(
+    session: Session,
+    dispatcher: Dispatcher,
+    *,
+    owner: str,
+    params: dict[str, Any],
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Queue an evaluation job (``params`` = a validated ``EvaluateJobRequest`` as JSON)."""
+    if (job := _replayed(session, "evaluate", owner, params, idempotency_key)) is not None:
+        return job, False
+    model = models_registry.get_model(session, params["model_id"], owner)
+    if model.weights_format != "checkpoint":
+        # models.api.evaluate loads training checkpoints only (the worker refuses the job too).
+        raise Invalid(
+            "evaluating an uploaded safetensors model is not supported yet; "
+            "it can be used for prediction"
+        )
+    if params.get("dataset_id"):
+        ds = datasets.get_dataset(session, params["dataset_id"], owner)
+        if list(ds.classes) != list(model.classes):
+            raise Invalid(
+                f"the dataset's classes {ds.classes} differ from the model's {model.classes}"
+            )
+    return _submit(session, dispatcher, "evaluate", owner, params, idempotency_key)
+
+
+def _replayed(
+    session: Session, kind: str, owner: str, params: dict[str, Any], key: str | None
+) -> Job | None:
+    """A retried submit gets its job back before anything else is checked (the dataset it named
+    may be gone by now; the answer must not change)."""
+    if key is None:
+        return None
+    return jobs.existing_for_key(session, owner=owner, key=key, kind=kind, params=params)
+
+
+def _submit(
+    session: Session,
+    dispatcher: Dispatcher,
+    kind: str,
+    owner: str,
+    params: dict[str, Any],
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    job, created = jobs.submit_job(
+        session, owner=owner, kind=kind, params=params, idempotency_key=idempotency_key
+    )
+    if created:
+        _send(dispatcher, job)
+    return job, created
