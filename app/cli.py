@@ -39,3 +39,7 @@ def demo_cmd(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

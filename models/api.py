@@ -78,14 +78,55 @@ class LoadedModel:
         return int(self.info["image_size"])
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint written by :func:`train` (``torch.load(weights_only=True)``)."""
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "cpu", info: dict[str, Any] | None = None
+) -> LoadedModel:
+    """Load a checkpoint written by :func:`train` (``torch.load(weights_only=True)``), or an
+    external ``.safetensors`` state dict described by ``info`` (arch, classes, image_size)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    model, info = load_trained_model(path)
+    if path.suffix == ".safetensors" or info is not None:
+        model, info = _load_safetensors(path, info or {})
+    else:
+        model, info = load_trained_model(path)
     model.to(device).eval()
     return LoadedModel(model, info, sha256_file(path))
+
+
+def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.nets import build_model
+
+    missing = {"arch", "classes", "image_size"} - set(info)
+    if missing:
+        raise ValueError(
+            f"{path.name}: a safetensors model needs {sorted(missing)} in its description"
+        )
+    model = build_model(info["arch"], len(info["classes"]))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path.name}: not a safetensors file ({e})") from e
+    # strict=False: the normalization constants may be absent and keep their defaults; every
+    # learned tensor must be there with the right shape.
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    optional = ("mean", "std")  # and BatchNorm's batch counters
+    absent = [
+        k
+        for k in own
+        if k not in state and k not in optional and not k.endswith("num_batches_tracked")
+    ]
+    if wrong or absent:
+        raise ValueError(
+            f"{path.name}: weights do not fit {info['arch']} "
+            f"(wrong shapes: {wrong[:3]}, missing: {absent[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
+    return model, {"method": "external", **info}
 
 
 def evaluate(
@@ -102,17 +143,19 @@ def evaluate(
     batch_size: int = 128,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on one part of a dataset with the protocol of docs/dpaat.md.
 
     Writes ``report.json``, ``report.md`` and ``robustness_curve.png`` into ``out_dir`` and returns
     the report. ``data_root`` None evaluates on the generated dataset the checkpoint was trained on
     when it was trained without data (the demo); the split manifest defaults to the one recorded in
-    the checkpoint's training config so that train and test never overlap.
+    the checkpoint's training config so that train and test never overlap. ``info`` describes
+    an external safetensors model (see :func:`load_model`).
     """
     from models.evaluation import evaluate_model, write_report
 
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, info=info)
     cfg = loaded.info.get("config", {})
     if data_root is None:
         data_root = cfg.get("data_root")
@@ -123,10 +166,17 @@ def evaluate(
     if part not in ("train", "val", "test"):
         raise ValueError(f"part must be train, val or test, got {part!r}")
     bundle = load_bundle(
-        data_root, loaded.image_size, manifest, seed=cfg.get("seed", seed), limit=limit, parts=(part,)
+        data_root,
+        loaded.image_size,
+        manifest,
+        seed=cfg.get("seed", seed),
+        limit=limit,
+        parts=(part,),
     )
     if list(bundle.classes) != loaded.classes:
-        raise DataError(f"dataset classes {list(bundle.classes)} differ from the model's {loaded.classes}")
+        raise DataError(
+            f"dataset classes {list(bundle.classes)} differ from the model's {loaded.classes}"
+        )
     dataset = getattr(bundle, part)
     report = evaluate_model(
         loaded.model,

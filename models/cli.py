@@ -48,7 +48,9 @@ def parse_eps(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--eps expects comma-separated numbers in 1/255 units, got {text!r}") from None
+        raise ValueError(
+            f"--eps expects comma-separated numbers in 1/255 units, got {text!r}"
+        ) from None
     if not values or any(v < 0 for v in values):
         raise ValueError("--eps needs at least one value, all >= 0")
     return values
@@ -64,12 +66,18 @@ def train_cmd(
     data: Annotated[
         str | None, typer.Option(help="Dataset folder (HAM10000 layout or class-per-folder).")
     ] = None,
-    method: Annotated[str, typer.Option(help="standard|pgd_at|trades|dpaat|amat_external|iaat_flip")] = "dpaat",
-    arch: Annotated[str | None, typer.Option(help="Architecture name, e.g. small_cnn, resnet50.")] = None,
+    method: Annotated[
+        str, typer.Option(help="standard|pgd_at|trades|dpaat|amat_external|iaat_flip")
+    ] = "dpaat",
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture name, e.g. small_cnn, resnet50.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     image_size: Annotated[int | None, typer.Option(min=16)] = None,
     limit: Annotated[int | None, typer.Option(min=8, help="Cap on images per split part.")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="Split manifest (written if missing).")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Split manifest (written if missing).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of TrainConfig fields.")] = None,
     full_size: Annotated[bool, typer.Option(help="224 px ResNet-50, PGD-10 (for a GPU).")] = False,
     set_: Annotated[
@@ -86,7 +94,13 @@ def train_cmd(
             fields.update(tomllib.loads(config.read_text()))
         if full_size:
             fields.update(FULL_SIZE)
-        given = {"method": method, "arch": arch, "epochs": epochs, "image_size": image_size, "limit": limit}
+        given = {
+            "method": method,
+            "arch": arch,
+            "epochs": epochs,
+            "image_size": image_size,
+            "limit": limit,
+        }
         fields.update({k: v for k, v in given.items() if v is not None})
         root = data if data is not None else fields.get("data_root")
         if root is None and (found := default_data_root()) is not None:
@@ -115,7 +129,9 @@ def evaluate_cmd(
     out: Annotated[Path, typer.Option(help="Where report.json/.md and the plot go.")] = Path(
         "runs/eval"
     ),
-    data: Annotated[str | None, typer.Option(help="Dataset folder (default: the training data).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset folder (default: the training data).")
+    ] = None,
     part: Annotated[str, typer.Option(help="train|val|test")] = "test",
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     eps: Annotated[str, typer.Option(help="Radii in 1/255 units.")] = "0,0.5,1,2,4,8",
@@ -149,7 +165,9 @@ def predict_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by `dpaat train`.")],
     images: Annotated[list[Path], typer.Argument(help="JPEG or PNG files.")],
     cap: Annotated[float, typer.Option(help="Search eps* up to this radius (1/255).")] = 16.0,
-    gradcam_dir: Annotated[Path | None, typer.Option(help="Write <image>_gradcam.png here.")] = None,
+    gradcam_dir: Annotated[
+        Path | None, typer.Option(help="Write <image>_gradcam.png here.")
+    ] = None,
 ) -> None:
     """Classify images: class, probabilities and robustness score as JSON lines."""
     with user_errors():

@@ -68,7 +68,8 @@ def default_data_root() -> Path | None:
 
 
 def load_ham10000(root: str | Path) -> SampleList:
-    """HAM10000 layout: ``labels.csv`` (or ``HAM10000_metadata.csv``), ``images/``, optional ``masks/``."""
+    """HAM10000 layout: ``labels.csv`` (or ``HAM10000_metadata.csv``), ``images/``, ``masks/``
+    (optional)."""
     root = Path(root)
     csv_path = next(
         (root / n for n in ("labels.csv", "HAM10000_metadata.csv") if (root / n).is_file()), None
@@ -235,7 +236,9 @@ def select(data: SampleList, m: Manifest, part: str) -> list[Sample]:
     by_name = {Path(s.image).name: s for s in data.samples}
     missing = [n for n in m.parts[part] if n not in by_name]
     if missing:
-        raise DataError(f"manifest lists {len(missing)} images not in the dataset, e.g. {missing[0]}")
+        raise DataError(
+            f"manifest lists {len(missing)} images not in the dataset, e.g. {missing[0]}"
+        )
     return [by_name[n] for n in m.parts[part]]
 
 
@@ -312,7 +315,9 @@ class TensorImageDataset(Dataset):
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
 
-def tensor_dataset(samples: Sequence[Sample], classes: Sequence[str], size: int) -> TensorImageDataset:
+def tensor_dataset(
+    samples: Sequence[Sample], classes: Sequence[str], size: int
+) -> TensorImageDataset:
     """Decode and resize every image once."""
     images = torch.stack([load_image(s.image, size) for s in samples]) if samples else None
     if images is None:
@@ -328,8 +333,8 @@ def synthetic_dataset(
 ) -> TensorImageDataset:
     """A generated, learnable stand-in for dermoscopy: a blob on skin-coloured noise.
 
-    Each class has its own blob colour and shape (so a small CNN learns it in a few epochs) and every
-    image has a lesion mask, so Grad-CAM lesion focus can be computed.
+    Each class has its own blob colour and shape (a small CNN learns it in a few epochs) and
+    every image has a lesion mask, so Grad-CAM lesion focus can be computed.
     """
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -353,7 +358,11 @@ def synthetic_dataset(
         masks[i] = m
     classes = tuple(f"class{k}" for k in range(num_classes))
     return TensorImageDataset(
-        (images * 255).round().to(torch.uint8), labels, classes, masks, [f"synthetic_{i}" for i in range(n)]
+        (images * 255).round().to(torch.uint8),
+        labels,
+        classes,
+        masks,
+        [f"synthetic_{i}" for i in range(n)],
     )
 
 
@@ -381,10 +390,10 @@ def load_bundle(
 ) -> DataBundle:
     """The datasets of a run.
 
-    With ``data_root`` None, a generated dataset (for tests and the demo without data). Otherwise the
-    split manifest at ``manifest_path`` is reused when it exists and written there when it does not;
-    ``limit`` caps each part (class-stratified) for quick CPU runs, applied after the split so the
-    test set of a limited run is a subset of the full test set.
+    With ``data_root`` None, a generated dataset (for tests and the demo without data).
+    Otherwise the split manifest at ``manifest_path`` is reused when it exists and written there
+    when it does not. ``limit`` caps each part (class-stratified) for quick CPU runs; it applies
+    after the split, so the test set of a limited run is a subset of the full test set.
     """
     if data_root is None:
         n = limit or 240
@@ -398,25 +407,41 @@ def load_bundle(
             return TensorImageDataset(full.images[ix], full.labels[ix], full.classes, masks)
 
         return DataBundle(
-            sub(idx[:cut1]), sub(idx[cut1:cut2]), sub(idx[cut2:]), full.classes, "synthetic", "synthetic"
+            sub(idx[:cut1]),
+            sub(idx[cut1:cut2]),
+            sub(idx[cut2:]),
+            full.classes,
+            "synthetic",
+            "synthetic",
         )
     data = load_samples(data_root)
     if manifest_path is not None and Path(manifest_path).is_file():
         m = read_manifest(manifest_path)
         if tuple(m.classes) != tuple(data.classes):
-            raise DataError(f"{manifest_path}: classes {m.classes} differ from the data's {data.classes}")
+            raise DataError(
+                f"{manifest_path}: classes {m.classes} differ from the data's {data.classes}"
+            )
     else:
         m = build_manifest(data, seed=seed)
         if manifest_path is not None:
             write_manifest(m, manifest_path)
-    empty = TensorImageDataset(torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(0), data.classes)
+    empty = TensorImageDataset(
+        torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(0), data.classes
+    )
     sets = {
-        part: tensor_dataset(subsample(select(data, m, part), limit, seed), data.classes, image_size)
+        part: tensor_dataset(
+            subsample(select(data, m, part), limit, seed), data.classes, image_size
+        )
         if part in parts
         else empty
         for part in ("train", "val", "test")
     }
     return DataBundle(
-        sets["train"], sets["val"], sets["test"], data.classes, data.name, m.sha256,
+        sets["train"],
+        sets["val"],
+        sets["test"],
+        data.classes,
+        data.name,
+        m.sha256,
         str(manifest_path) if manifest_path else None,
     )

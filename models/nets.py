@@ -52,7 +52,9 @@ class SmallCNN(nn.Module):
                 )
             )
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -113,7 +115,8 @@ def build_model(arch: str, num_classes: int, pretrained: str | Path | None = Non
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load local weights, keeping only tensors whose names and shapes match (a new head stays new)."""
+    """Load local weights, keeping only tensors whose names and shapes match (so a new head
+    stays new)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path} not found")
