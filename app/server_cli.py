@@ -1,0 +1,143 @@
+"""Server commands of the ``dpaat`` CLI: ``serve``, ``worker`` and ``migrate``.
+
+``app.cli`` calls :func:`register`. Heavy imports (uvicorn, FastAPI, Celery, Alembic) happen inside
+the commands so that ``dpaat --help`` and the ML commands stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import typer
+
+ASGI_APP = "app.main:app"
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+class _Stopped(Exception):
+    """A stop signal, raised once uvicorn has finished its own graceful shutdown."""
+
+
+def _raise_stopped(signum: int, _frame: FrameType | None) -> None:
+    raise _Stopped(signum)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a container)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(
+        1, min=1, help="API processes (full mode only: embedded mode runs its worker in-process)."
+    ),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+) -> None:
+    """Run the HTTP API. Without BROKER_URL it also runs the worker and the reaper in-process
+    (embedded mode: SQLite and a local artifact folder by default, migrations applied on start)."""
+    import uvicorn
+
+    from app.core.settings import get_settings
+
+    _configure_logging(log_level)
+    settings = get_settings()
+    if settings.embedded or settings.auto_migrate:
+        from app.db.migrate import upgrade
+
+        upgrade(settings.database_url)
+    runtime = None
+    if settings.embedded:
+        if workers != 1:
+            raise typer.BadParameter("embedded mode runs one process; set BROKER_URL to scale")
+        from app.services.embedded import EmbeddedRuntime
+
+        runtime = EmbeddedRuntime(settings)
+        runtime.start()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal; turning it into
+    # an exception here lets the embedded worker stop its task cleanly before the process exits.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stopped)
+    try:
+        uvicorn.run(ASGI_APP, host=host, port=port, workers=workers, log_level=log_level.lower())
+    except _Stopped:
+        pass
+    finally:
+        if runtime is not None:
+            runtime.stop()
+
+
+def worker(
+    queues: str | None = typer.Option(
+        None, "--queues", "-Q", help="Comma-separated queues (default: train, evaluate, default)."
+    ),
+    concurrency: int = typer.Option(1, min=1, help="Tasks at once; one per GPU."),
+    pool: str = typer.Option(
+        "prefork", help="prefork (tasks in a child process) | solo (in this process) | threads"
+    ),
+    beat: bool = typer.Option(
+        False, "--beat", help="Also run the reaper schedule (exactly one process should)."
+    ),
+    hostname: str | None = typer.Option(None, help="Celery node name (default: celery@<host>)."),
+    max_tasks_per_child: int | None = typer.Option(
+        None, min=1, help="Replace the child process after this many tasks (frees GPU memory)."
+    ),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run a Celery worker for the full deployment (needs BROKER_URL)."""
+    from app.core.settings import get_settings
+
+    settings = get_settings()
+    if settings.embedded:
+        typer.echo(
+            "dpaat worker needs BROKER_URL (e.g. redis://localhost:6379/0); without a broker "
+            "`dpaat serve` runs the worker itself.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from worker.celery_app import DEFAULT_QUEUE, celery_app
+
+    if pool not in ("prefork", "solo", "threads"):
+        raise typer.BadParameter("pool must be prefork, solo or threads")
+    names = queues or ",".join(
+        dict.fromkeys([settings.train_queue, settings.evaluate_queue, DEFAULT_QUEUE])
+    )
+    argv = [
+        "worker",
+        f"--loglevel={log_level.upper()}",
+        f"--queues={names}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        # Workers share nothing but the database: no broadcast chatter at start-up.
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    if max_tasks_per_child:
+        argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
+    if beat:
+        argv.append("--beat")
+    celery_app.worker_main(argv)
+
+
+def migrate(
+    revision: str = typer.Option("head", help="Alembic revision to upgrade to."),
+) -> None:
+    """Apply the database migrations (the one-off `migrate` service of docker-compose)."""
+    from app.core.settings import get_settings
+    from app.db.migrate import current, upgrade
+
+    url = get_settings().database_url
+    upgrade(url, revision)
+    typer.echo(f"database at revision {current(url)}")
+
+
+def register(cli: typer.Typer) -> None:
+    """Add ``serve``, ``worker`` and ``migrate`` to the ``dpaat`` command line."""
+    cli.command("serve")(serve)
+    cli.command("worker")(worker)
+    cli.command("migrate")(migrate)

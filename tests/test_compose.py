@@ -1,0 +1,151 @@
+"""docker-compose.yml and the Dockerfile checked against the code (no Docker engine needed): the
+services exist, their commands parse with the real ``dpaat`` CLI, and the environment names every
+setting of ``app.core.settings.Settings`` and nothing else."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+
+from app.cli import cli
+from app.core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DPAAT_SERVICES = ("migrate", "api", "worker", "scheduler", "worker-gpu")
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _env_names(field: str) -> set[str]:
+    """The environment variables a Settings field is read from."""
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    choices = getattr(alias, "choices", None)
+    if choices:
+        return {str(c) for c in choices}
+    prefix = Settings.model_config.get("env_prefix", "")
+    return {f"{prefix}{field}".upper()}
+
+
+def _interpolate(value: Any) -> Any:
+    """Compose's ``${VAR:-default}`` with the shell empty: the default."""
+    if not isinstance(value, str):
+        return value
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return command.split() if isinstance(command, str) else [str(c) for c in command]
+
+
+def test_every_service_is_defined(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) >= {"postgres", "redis", *DPAAT_SERVICES}
+
+
+def test_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
+    group = typer.main.get_command(cli)
+    commands = group.commands  # type: ignore[attr-defined]
+    expected = {
+        "migrate": "migrate",
+        "api": "serve",
+        "worker": "worker",
+        "scheduler": "worker",
+        "worker-gpu": "worker",
+    }
+    for name, subcommand in expected.items():
+        argv = _command(compose["services"][name])
+        assert argv[:2] == ["dpaat", subcommand], name
+        command = commands[subcommand]
+        # make_context parses the options exactly as the CLI would (a typo raises here).
+        ctx = command.make_context(subcommand, argv[2:])
+        if name == "api":
+            assert ctx.params["host"] == "0.0.0.0"  # reachable from outside the container
+        if name == "scheduler":
+            assert ctx.params["beat"] is True
+    beats = [n for n in DPAAT_SERVICES if "--beat" in _command(compose["services"][n])]
+    assert beats == ["scheduler"], "exactly one process must run the reaper schedule"
+
+
+def test_environment_names_every_setting_and_nothing_else(compose: dict[str, Any]) -> None:
+    known = {name for field in Settings.model_fields for name in _env_names(field)}
+    for service in DPAAT_SERVICES:
+        env = compose["services"][service]["environment"]
+        assert isinstance(env, dict), f"{service}: environment must be a mapping"
+        unknown = set(env) - known
+        assert not unknown, f"{service} sets variables Settings does not read: {unknown}"
+        missing = [f for f in Settings.model_fields if not _env_names(f) & set(env)]
+        assert not missing, f"{service} does not name the settings {missing}"
+
+
+def test_environment_values_make_a_full_deployment(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = compose["services"]["api"]["environment"]
+    known = {name for field in Settings.model_fields for name in _env_names(field)}
+    for name in known:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if value is not None:  # a name without a value stays unset in the container
+            monkeypatch.setenv(name, str(_interpolate(value)))
+    settings = Settings()  # read from the environment, as in the container
+    assert not settings.embedded
+    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in settings.database_url
+    assert settings.broker_url is not None and settings.broker_url.startswith("redis://redis:")
+    assert settings.environment == "production"
+    assert settings.artifact_dir.is_absolute()
+    assert settings.auto_migrate is False
+    # API and workers must agree on everything that crosses a process boundary.
+    for service in DPAAT_SERVICES:
+        assert compose["services"][service]["environment"] == env, service
+
+
+def test_workers_and_api_share_the_artifact_store(compose: dict[str, Any]) -> None:
+    target = compose["services"]["api"]["environment"]["DPAAT_ARTIFACT_DIR"]
+    for service in DPAAT_SERVICES:
+        mounts = [str(v).split(":") for v in compose["services"][service]["volumes"]]
+        assert ["artifacts", target] in [m[:2] for m in mounts], service
+    assert "artifacts" in compose["volumes"]
+
+
+def test_start_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["migrate"]["restart"] == "no"
+    for name in ("api", "worker", "scheduler", "worker-gpu"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+    assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
+
+
+def test_gpu_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "profiles" not in compose["services"]["worker"], "the CPU worker runs by default"
+
+
+def test_dockerfile_is_multi_stage_with_pinned_torch() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)\s+AS\s+(\w+)", text, flags=re.MULTILINE)
+    assert [s[1] for s in stages] == ["builder", "runtime"]
+    assert stages[1][0].endswith("-slim")
+    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
+    runtime = text.split("AS runtime", 1)[1]
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime
+    assert "pip install" not in runtime, "the runtime stage installs nothing"
+    assert re.search(r"^USER\s+(?!root)\w+", runtime, flags=re.MULTILINE), "not as root"
