@@ -742,12 +742,17 @@ def test_bad_model_uploads(api: Api, case: str) -> None:
     assert api.stored_state() == before
 
 
-def test_uploaded_models_cannot_be_evaluated_yet(api: Api) -> None:
+def test_uploaded_models_are_evaluated_on_a_named_dataset(api: Api) -> None:
     ds = new_dataset(api)
-    model_id = upload_model(api, safetensors_bytes(), SMALL).json()["id"]
-    r = api.client.post(f"{API}/jobs/evaluate", json={"model_id": model_id, "dataset_id": ds["id"]})
-    assert r.status_code == 422 and "not supported yet" in r.json()["detail"]
+    description = {**SMALL, "classes": ds["classes"]}
+    weights = safetensors_bytes(num_classes=len(ds["classes"]))
+    model_id = upload_model(api, weights, description).json()["id"]
+    r = api.client.post(f"{API}/jobs/evaluate", json={"model_id": model_id})
+    assert r.status_code == 422 and "needs a dataset_id" in r.json()["detail"]
     assert api.sent == []
+    r = api.client.post(f"{API}/jobs/evaluate", json={"model_id": model_id, "dataset_id": ds["id"]})
+    assert r.status_code == 201, r.text
+    assert len(api.sent) == 1
 
 
 def test_truncated_safetensors_is_refused(api: Api) -> None:

@@ -198,11 +198,6 @@ def run_evaluate_job(job_id: str, holder: str, settings: Settings | None = None)
                 model = session.get(Model, params.get("model_id"))
                 if model is None:
                     raise NotFound(f"model {params.get('model_id')} no longer exists")
-                if model.weights_format != "checkpoint":
-                    raise Invalid(
-                        "evaluation jobs need a checkpoint written by this service; "
-                        f"model {model.id} holds {model.weights_format} weights"
-                    )
                 model_id = model.id
                 args = job_params.evaluate_args(session, job, store)
             report = api.evaluate(out_dir=out_dir, progress=hooks.on_progress, **args)

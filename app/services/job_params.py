@@ -87,6 +87,12 @@ def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str,
         "data_root": None,
         "manifest": None,
     }
+    if model.weights_format != "checkpoint":  # an uploaded safetensors model and its description
+        args["info"] = {
+            "arch": model.architecture,
+            "classes": list(model.classes),
+            "image_size": model.image_size,
+        }
     dataset_id = params.get("dataset_id") or model.dataset_id
     if dataset_id:
         ds = _dataset(session, dataset_id)

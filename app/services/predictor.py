@@ -38,27 +38,18 @@ def _load(spec: ModelSpec) -> Any:
         raise Unavailable(f"prediction is unavailable on this server: {e}") from e
     if not spec.weights_path.is_file():
         raise Unavailable(f"the weights of model {spec.id} are missing from the artifact store")
-    if spec.weights_format == "checkpoint":
-        try:
-            return ml.load_model(spec.weights_path)
-        except ValueError as e:
-            raise Invalid(f"model {spec.id} cannot be loaded: {e}") from e
-    from safetensors.torch import load_file
-
-    from models.nets import build_model
-
-    model = build_model(spec.architecture, len(spec.classes))
-    # The upload was checked against the architecture; strict=False lets optional constants
-    # (normalization, BatchNorm counters) keep their defaults and aliases load the same tensor.
-    model.load_state_dict(load_file(str(spec.weights_path)), strict=False)
-    model.eval()
-    info = {
-        **spec.info,
-        "arch": spec.architecture,
-        "classes": list(spec.classes),
-        "image_size": spec.image_size,
-    }
-    return ml.LoadedModel(model, info, spec.sha256)
+    info = None
+    if spec.weights_format != "checkpoint":  # an uploaded safetensors model and its description
+        info = {
+            **spec.info,
+            "arch": spec.architecture,
+            "classes": list(spec.classes),
+            "image_size": spec.image_size,
+        }
+    try:
+        return ml.load_model(spec.weights_path, info=info)
+    except ValueError as e:
+        raise Invalid(f"model {spec.id} cannot be loaded: {e}") from e
 
 
 class Predictor:

@@ -60,12 +60,9 @@ def submit_evaluate(
     if (job := _replayed(session, "evaluate", owner, params, idempotency_key)) is not None:
         return job, False
     model = models_registry.get_model(session, params["model_id"], owner)
-    if model.weights_format != "checkpoint":
-        # models.api.evaluate loads training checkpoints only (the worker refuses the job too).
-        raise Invalid(
-            "evaluating an uploaded safetensors model is not supported yet; "
-            "it can be used for prediction"
-        )
+    if model.weights_format != "checkpoint" and not params.get("dataset_id"):
+        # an uploaded model records no training data to fall back on
+        raise Invalid("evaluating an uploaded model needs a dataset_id")
     if params.get("dataset_id"):
         ds = datasets.get_dataset(session, params["dataset_id"], owner)
         if list(ds.classes) != list(model.classes):
