@@ -1,0 +1,165 @@
+"""The settings of one training run, as a JSON-able dataclass.
+
+Every epsilon here is in 1/255 units (the trainer divides by 255 before attacking images in
+[0, 1]). The DPAAT constants are the project's reconstruction of Li et al. 2024 (see
+docs/dpaat.md): each one is a hyper-parameter with the spec's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from models.nets import ARCHITECTURES
+
+METHODS: tuple[str, ...] = ("standard", "pgd_at", "trades", "dpaat", "amat_external", "iaat_flip")
+# methods that keep one radius per training sample (and log tau / eps histograms)
+PER_SAMPLE_EPS_METHODS: tuple[str, ...] = ("dpaat", "amat_external", "iaat_flip")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+SCHEDULERS: tuple[str, ...] = ("cosine", "none")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, and how. ``validate()`` says what is wrong in plain words."""
+
+    data_root: str | None = None  # None -> generated synthetic data
+    manifest: str | None = None  # split manifest path: reused when it exists, written when not
+    image_size: int = 64
+    limit: int | None = None  # cap per split part, class-stratified (quick CPU runs)
+    arch: str = "small_cnn"
+    pretrained: str | None = None  # optional local weights file
+    method: str = "dpaat"  # standard | pgd_at | trades | dpaat | amat_external | iaat_flip
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | none
+    seed: int = 0
+    eps_max: float = 8.0  # ALL eps in config are in 1/255 units
+    eps_min: float = 0.0
+    delta: float | None = None  # None -> eps_max / 8
+    pgd_steps: int = 10
+    bisection_steps: int = 5
+    beta: float = 0.5  # adversarial share of the loss (dpaat, amat_external, iaat_flip)
+    z: float = 2.0
+    tau_momentum: float = 0.0
+    trades_beta: float = 6.0
+    reference_checkpoint: str | None = None  # amat_external: tau from this standard model
+    class_weights: bool = False  # inverse-frequency CE weights (nv is 2/3 of HAM10000)
+    balanced_sampler: bool = False
+    augment: bool = True  # flips and 90-degree rotations (dermoscopy has no orientation)
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # autocast (meant for CUDA)
+    channels_last: bool = False
+    # pgd_at only: adversarial share of its loss. 1 = Madry et al.'s adversarial-only training;
+    # below 1 gives the mixed loss (1 - b) CE(clean) + b CE(adv). Kept apart from ``beta`` so that
+    # one config can hold DPAAT's beta = 0.5 and still train the textbook pgd_at baseline.
+    pgd_at_beta: float = 1.0
+
+    @property
+    def step_delta(self) -> float:
+        """The per-sample radius increment (and initial radius), 1/255 units."""
+        return self.eps_max / 8 if self.delta is None else self.delta
+
+    def validate(self) -> None:
+        """Raise ValueError naming every field that is out of range."""
+        errors: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                errors.append(message)
+
+        need(
+            self.method in METHODS,
+            f"method {self.method!r} is unknown; choose one of {list(METHODS)}",
+        )
+        need(
+            self.arch in ARCHITECTURES,
+            f"arch {self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}",
+        )
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {list(OPTIMIZERS)}")
+        need(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")
+        need(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
+        for name in ("image_size", "epochs", "batch_size", "pgd_steps", "bisection_steps", "seed"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and not isinstance(value, bool),
+                f"{name} must be an integer, got {value!r}",
+            )
+        if not errors:
+            need(self.image_size >= 16, "image_size must be >= 16")
+            need(self.epochs >= 1, "epochs must be >= 1")
+            need(self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two samples)")
+            need(self.pgd_steps >= 1, "pgd_steps must be >= 1")
+            need(self.bisection_steps >= 1, "bisection_steps must be >= 1")
+            need(self.seed >= 0, "seed must be >= 0")
+        need(
+            self.limit is None or (isinstance(self.limit, int) and self.limit >= 2),
+            "limit must be None or >= 2",
+        )
+        for name in ("lr", "momentum", "weight_decay", "eps_max", "eps_min", "z", "trades_beta"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            need(ok and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0")
+        if not errors:
+            need(self.lr > 0, "lr must be > 0")
+            need(
+                self.eps_min <= self.eps_max,
+                f"eps_min ({self.eps_min}) must be <= eps_max ({self.eps_max})",
+            )
+            need(self.momentum < 1, "momentum must be < 1")
+            need(self.eps_max <= 255, "eps_max is in 1/255 units and must be <= 255")
+            need(
+                self.delta is None
+                or (
+                    isinstance(self.delta, int | float)
+                    and not isinstance(self.delta, bool)
+                    and math.isfinite(self.delta)
+                    and 0 < self.delta <= self.eps_max
+                ),
+                f"delta must be None (eps_max / 8) or in (0, eps_max = {self.eps_max}]",
+            )
+            # with delta None the radius step is eps_max / 8 (an explicit delta is checked above)
+            need(
+                self.method not in PER_SAMPLE_EPS_METHODS
+                or self.delta is not None
+                or self.eps_max > 0,
+                f"{self.method} needs eps_max > 0 (or an explicit delta > 0)",
+            )
+        for name in ("beta", "tau_momentum", "pgd_at_beta"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            need(ok and 0 <= value <= 1, f"{name} must be in [0, 1], got {value!r}")
+        if isinstance(self.tau_momentum, int | float):
+            need(self.tau_momentum < 1, "tau_momentum must be < 1 (1 would never update tau)")
+        need(
+            not (self.class_weights and self.balanced_sampler),
+            "class_weights and balanced_sampler both correct the class imbalance; choose one",
+        )
+        need(
+            self.reference_checkpoint is None or self.method == "amat_external",
+            "reference_checkpoint is only used by method amat_external",
+        )
+        if errors:
+            raise ValueError("invalid training config: " + "; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, refusing keys that are not fields (a typo must not pass silently)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"training config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)

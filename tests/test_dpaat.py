@@ -1,0 +1,300 @@
+"""DPAAT's state and update rules on hand-made tensors, and its batch step on a hand-built model
+whose losses are known in closed form (so which samples break, and where, is known)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from models.training import TrainConfig, dpaat
+from models.training.methods import DPAAT, make_method
+
+
+# --------------------------------------------------------------------------- update rules
+def test_update_radii_expand_shrink_unchanged() -> None:
+    eps = torch.tensor([2.0, 2.0, 2.0, 7.5, 1.0, 3.0])
+    ok = torch.tensor([True, True, False, True, True, False])
+    broken = torch.tensor([False, True, True, False, True, False])
+    dist = torch.tensor([0.0, 1.0, 0.5, 0.0, 0.2, 0.0])
+    new = dpaat.update_radii(eps, ok, broken, dist, delta=1.0, eps_min=0.5, eps_max=8.0)
+    expected = torch.tensor(
+        [
+            3.0,  # correct, not broken: expand by delta
+            1.5,  # correct, broken: (2 + 1) / 2
+            2.0,  # misclassified (even if broken): unchanged
+            8.0,  # expand clipped at eps_max
+            0.6,  # (1 + 0.2) / 2 = 0.6 >= eps_min
+            3.0,  # misclassified, not broken: unchanged
+        ]
+    )
+    torch.testing.assert_close(new, expected)
+    # the shrink is floored at eps_min
+    floored = dpaat.update_radii(
+        torch.tensor([1.0]),
+        torch.tensor([True]),
+        torch.tensor([True]),
+        torch.tensor([0.0]),
+        1.0,
+        0.75,
+        8.0,
+    )
+    assert floored.tolist() == [0.75]
+
+
+def test_flip_radii_moves_by_delta_within_bounds() -> None:
+    eps = torch.tensor([2.0, 2.0, 0.5, 7.8])
+    broken = torch.tensor([True, False, True, False])
+    new = dpaat.flip_radii(eps, broken, delta=1.0, eps_min=0.0, eps_max=8.0)
+    torch.testing.assert_close(new, torch.tensor([1.0, 3.0, 0.0, 8.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1),  # eps as a fraction of the range
+            st.booleans(),
+            st.booleans(),
+            st.floats(0, 1),  # distance as a fraction of eps
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.floats(0, 4),
+    st.floats(0.01, 3),
+    st.floats(0.01, 8),
+)
+def test_radii_stay_within_bounds(
+    rows: list[tuple[float, bool, bool, float]], eps_min: float, delta: float, span: float
+) -> None:
+    eps_max = eps_min + span
+    eps = torch.tensor([eps_min + r[0] * span for r in rows])
+    ok = torch.tensor([r[1] for r in rows])
+    broken = torch.tensor([r[2] for r in rows])
+    dist = torch.tensor([r[3] for r in rows]) * eps
+    for new in (
+        dpaat.update_radii(eps, ok, broken, dist, delta, eps_min, eps_max),
+        dpaat.flip_radii(eps, broken, delta, eps_min, eps_max),
+    ):
+        assert bool((new >= eps_min - 1e-5).all()) and bool((new <= eps_max + 1e-5).all())
+
+
+# --------------------------------------------------------------------------- tau
+def test_robust_threshold_on_known_numbers() -> None:
+    # median 3, absolute deviations 2,1,0,1,97 -> MAD 1: the outlier 100 does not move tau
+    assert dpaat.robust_threshold(
+        torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0]), z=2.0
+    ) == pytest.approx(3 + 2 * 1.4826)
+    # an even count takes the mean of the two middle values: median 2.5, MAD 1
+    assert dpaat.robust_threshold(torch.tensor([4.0, 1.0, 3.0, 2.0]), z=1.0) == pytest.approx(
+        2.5 + 1.4826
+    )
+    assert dpaat.robust_threshold(torch.tensor([0.7, 0.7, 0.7]), z=2.0) == pytest.approx(0.7)
+    with pytest.raises(ValueError):
+        dpaat.robust_threshold(torch.zeros(0), z=2.0)
+
+
+def test_next_tau_momentum_and_empty_collection() -> None:
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
+    new = 3 + 2 * 1.4826
+    assert dpaat.next_tau(1.0, losses, z=2.0) == pytest.approx(new)
+    assert dpaat.next_tau(1.0, losses, z=2.0, momentum=0.25) == pytest.approx(
+        0.25 * 1.0 + 0.75 * new
+    )
+    assert dpaat.next_tau(1.3, torch.zeros(0), z=2.0) == 1.3  # nothing collected: tau stays
+    assert dpaat.initial_tau(7) == pytest.approx(math.log(7))
+
+
+# --------------------------------------------------------------------------- observer, bisection
+def test_first_break_keeps_the_first_crossing_iterate() -> None:
+    x = torch.zeros(3, 2)
+    obs = dpaat.FirstBreak(x, torch.zeros(3, dtype=torch.long), dpaat.loss_above(0.5))
+    logits = torch.zeros(3, 2)
+    obs(0, x + 0.1, torch.tensor([0.9, 0.1, 0.1]), logits)  # sample 0 breaks at the start point
+    obs(1, x + 0.2, torch.tensor([0.9, 0.6, 0.1]), logits)  # sample 1 breaks at step 1
+    obs(2, x + 0.3, torch.tensor([0.9, 0.9, 0.4]), logits)  # sample 2 never breaks
+    assert obs.broken.tolist() == [True, True, False]
+    torch.testing.assert_close(obs.first[:, 0], torch.tensor([0.1, 0.2, 0.0]))
+
+
+class Ramp(nn.Module):
+    """Two classes; logit of class 1 = 255 * (sum(x) - 0.5) + b. For label 0 the CE is
+    softplus(u) with u in 1/255 units of pixel shift, so losses are known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(()))  # something for the optimizer to train
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = 255.0 * (x.flatten(1).sum(1) - 0.5) + self.b
+        return torch.stack([torch.zeros_like(u), u], dim=1)
+
+
+def at(u: float) -> float:
+    """The 1-pixel input whose class-1 logit is u."""
+    return 0.5 + u / 255.0
+
+
+def test_bisection_finds_the_boundary_fraction() -> None:
+    model = Ramp().eval()
+    tau = 0.5
+    u_star = math.log(math.exp(tau) - 1)  # CE(label 0) = softplus(u) crosses tau here
+    x = torch.tensor([[at(-2.0)], [at(-1.0)], [at(-3.0)]])
+    p = torch.tensor([[4.0], [2.0], [8.0]]) / 255
+    y = torch.zeros(3, dtype=torch.long)
+    exact = (u_star - torch.tensor([-2.0, -1.0, -3.0])) / torch.tensor([4.0, 2.0, 8.0])
+    for steps in (5, 12):
+        s = dpaat.boundary_fraction(model, x, p, y, dpaat.loss_above(tau), steps)
+        assert bool((s >= exact - 1e-6).all()), "the returned fraction must still break"
+        assert bool((s - exact <= 2.0**-steps + 1e-6).all()), (s, exact)
+        ce = F.cross_entropy(model(x + s.view(-1, 1) * p), y, reduction="none")
+        assert bool((ce > tau).all())
+
+
+# --------------------------------------------------------------------------- the batch step
+def adaptive(
+    method: str = "dpaat", beta: float = 0.5, n: int = 4, tau: float | None = None
+) -> DPAAT:
+    """A per-sample-radius method (eps_max 8, delta 1, PGD-10, B = 5) for a 2-class problem."""
+    cfg = TrainConfig(
+        method=method, beta=beta, eps_max=8.0, delta=1.0, pgd_steps=10, bisection_steps=5
+    )
+    m = make_method(cfg, num_train=n, num_classes=2, tau=tau)
+    assert isinstance(m, DPAAT)
+    return m
+
+
+def ramp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    # A: far on the right side; B: correct but breakable within eps 4; C: misclassified;
+    # D: label 1, far on its side
+    x = torch.tensor([[at(-10.0)], [at(-2.0)], [at(1.0)], [at(10.0)]])
+    y = torch.tensor([0, 0, 0, 1])
+    return x, y
+
+
+def test_dpaat_batch_step_expands_shrinks_and_keeps() -> None:
+    tau = 0.5
+    method = adaptive(n=6)
+    method.state.eps[:] = 4.0
+    method.state.tau = tau
+    x, y = ramp_batch()
+    idx = torch.tensor([5, 1, 2, 3])  # training-set indices: sample 0 and 4 are not in the batch
+    model = Ramp().train()
+    out = method.batch(model, x, y, idx, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert model.b.grad is not None and torch.isfinite(out.loss)
+    eps = method.state.eps
+    # distance to the boundary of B: u from -2 up to softplus^-1(tau), in 1/255 units
+    d_b = math.log(math.exp(tau) - 1) + 2.0
+    assert eps[5].item() == pytest.approx(5.0)  # A: expanded
+    assert d_b / 2 + 2.0 <= eps[1].item() <= (d_b + 4.0 / 32) / 2 + 2.0  # B: half-way to d
+    assert eps[2].item() == 4.0  # C: misclassified, unchanged
+    assert eps[3].item() == pytest.approx(5.0)  # D: expanded
+    assert eps[0].item() == 4.0 and eps[4].item() == 4.0  # not in the batch
+    assert out.clean_correct == 3
+    # the clean losses of the correctly classified samples (A, B, D) were collected
+    expected = torch.tensor([F.softplus(torch.tensor(u)).item() for u in (-10.0, -2.0, -10.0)])
+    collected = method.state.collected_losses()
+    torch.testing.assert_close(collected.sort().values, expected.sort().values)
+    record = method.end_epoch()
+    assert record["broken_frac"] == pytest.approx(2 / 4)  # B and C
+    assert record["tau"] == tau
+    assert record["tau_next"] == pytest.approx(dpaat.robust_threshold(expected, z=2.0), rel=1e-3)
+    assert method.state.tau_history[-1] == record["tau_next"]
+
+
+class ModeRecorder(Ramp):
+    """Ramp that records, for every forward pass, (train mode?, weights trainable under grad?)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((self.training, torch.is_grad_enabled() and self.b.requires_grad))
+        return super().forward(x)
+
+
+def test_attack_and_bisection_run_in_eval_mode_and_training_in_train_mode() -> None:
+    method = adaptive(n=4)
+    method.state.eps[:] = 4.0
+    method.state.tau = 0.5
+    x, y = ramp_batch()
+    model = ModeRecorder().train()
+    method.batch(model, x, y, torch.arange(4), torch.Generator().manual_seed(0))
+    assert model.training  # the mode is restored for the optimizer step
+    train_calls = [c for c in model.calls if c[0]]
+    assert train_calls == [(True, True), (True, True)]  # the clean and the adversarial forward
+    # 10 PGD steps + the last iterate + 5 bisection steps for B, all in eval mode, weights frozen
+    assert model.calls.count((False, False)) == 10 + 1 + 5
+    assert len(model.calls) == 18
+
+
+def test_amat_external_keeps_its_tau_and_iaat_flip_uses_predictions() -> None:
+    x, y = ramp_batch()
+    idx = torch.arange(4)
+    amat = adaptive("amat_external", tau=0.5)
+    amat.state.eps[:] = 4.0
+    amat.batch(Ramp().train(), x, y, idx, torch.Generator().manual_seed(0))
+    assert amat.state.eps[[0, 2, 3]].tolist() == [5.0, 4.0, 5.0]
+    record = amat.end_epoch()
+    assert record["tau"] == record["tau_next"] == 0.5
+
+    flip = adaptive("iaat_flip")
+    flip.state.eps[:] = 4.0
+    flip.batch(Ramp().train(), x, y, idx, torch.Generator().manual_seed(0))
+    # B flips within eps 4 (needs 2/255) and C is already wrong: both shrink by delta
+    assert flip.state.eps.tolist() == [5.0, 3.0, 3.0, 5.0]
+    assert flip.end_epoch()["tau"] is None
+
+
+def test_beta_one_still_updates_from_the_clean_prediction() -> None:
+    method = adaptive(beta=1.0)
+    method.state.eps[:] = 4.0
+    method.state.tau = 0.5
+    x, y = ramp_batch()
+    out = method.batch(Ramp().train(), x, y, torch.arange(4), torch.Generator().manual_seed(0))
+    assert out.clean_correct == 3
+    assert method.state.eps[2].item() == 4.0
+
+
+# --------------------------------------------------------------------------- state, helpers
+def test_state_round_trips_through_a_weights_only_load() -> None:
+    state = dpaat.AdaptiveEpsState.create(5, delta=1.0, eps_min=0.0, eps_max=8.0, tau=math.log(3))
+    state.eps = torch.tensor([0.0, 1.5, 8.0, 2.25, 3.0])
+    state.tau = 0.8
+    state.tau_history.append(0.8)
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    other = dpaat.AdaptiveEpsState.create(5, delta=1.0, eps_min=0.0, eps_max=8.0, tau=math.log(3))
+    other.load_state_dict(loaded)
+    assert torch.equal(other.eps, state.eps)
+    assert other.tau == 0.8 and other.tau_history == [math.log(3), 0.8]
+    with pytest.raises(ValueError, match="shape"):
+        dpaat.AdaptiveEpsState.create(4, 1.0, 0.0, 8.0, 1.0).load_state_dict(loaded)
+
+
+def test_initial_radius_is_delta_clipped_to_the_range() -> None:
+    assert dpaat.AdaptiveEpsState.create(3, 1.0, 0.0, 8.0, 1.0).eps.tolist() == [1.0] * 3
+    assert dpaat.AdaptiveEpsState.create(2, 1.0, 2.0, 8.0, 1.0).eps.tolist() == [2.0] * 2
+
+
+def test_eps_histogram_fixed_edges() -> None:
+    hist = dpaat.eps_histogram(torch.tensor([0.0, 0.5, 1.0, 7.99, 8.0, 3.0]), 0.0, 8.0)
+    assert hist["edges"] == [float(i) for i in range(9)]
+    assert hist["counts"] == [2, 1, 0, 1, 0, 0, 0, 2]
+
+
+def test_scatter_first_is_deterministic_with_repeated_indices() -> None:
+    target = torch.zeros(4)
+    dpaat.scatter_first(target, torch.tensor([2, 0, 2, 3]), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert target.tolist() == [2.0, 0.0, 1.0, 4.0]
