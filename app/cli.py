@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from app.client import audit as audit_cli
 from models import cli as ml_cli
 
 cli = typer.Typer(
@@ -22,6 +23,7 @@ def _register_server() -> None:
 
 
 _register_server()
+audit_cli.register(cli)  # httpx + typer + rich only: works with just `dpaat[client]` installed
 
 
 @cli.command("demo")

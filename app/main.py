@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app.api import API_PREFIX, errors
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routes import datasets, health, jobs, models, predict
+from app.api.routes import audits, datasets, health, jobs, models, predict
 from app.core.settings import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import ErrorOut
@@ -91,6 +91,7 @@ def create_app(
             {"name": "jobs", "description": "Training and evaluation jobs."},
             {"name": "models", "description": "Trained and uploaded classifiers, reports."},
             {"name": "predict", "description": "Robust classification of images."},
+            {"name": "audits", "description": "CI gates: thresholds and regression checks."},
             {"name": "health", "description": "Liveness, readiness, metrics."},
         ],
     )
@@ -107,7 +108,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     # Each router carries its full prefix, so metrics see the full route template.
-    for module in (datasets, jobs, models, predict, health):
+    for module in (datasets, jobs, models, predict, audits, health):
         app.include_router(module.router)
     return app
 

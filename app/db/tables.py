@@ -255,3 +255,36 @@ class Evaluation(Base):
     report_md_uri: Mapped[str | None] = mapped_column(String(1000))
     plot_uri: Mapped[str | None] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Audit(Base):
+    """A CI audit: an evaluation job plus thresholds (and optionally a baseline audit to compare
+    with). ``result`` holds the threshold and regression results, computed once when the job has
+    finished and never recomputed, so re-reading an audit always gives the same answer."""
+
+    __tablename__ = "audits"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), unique=True
+    )
+    request: Mapped[dict[str, Any]] = mapped_column()  # the request body, for idempotent replays
+    thresholds: Mapped[list[Any]] = mapped_column(JSON)
+    # {"requested": {...}, "audit_id": <resolved baseline audit>, "max_drop": 0.02} or null
+    baseline: Mapped[dict[str, Any] | None] = mapped_column()
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(16), default="pending")  # see AUDIT_OUTCOMES
+    passed: Mapped[bool | None] = mapped_column()
+    result: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key"),
+        CheckConstraint(
+            _in_list("outcome", ["pending", "passed", "failed", "error"]), name="outcome"
+        ),
+    )

@@ -1,0 +1,197 @@
+"""Renderings of an audit document (``audit.json``: the evaluation report plus its ``audit``
+section) for CI: JUnit XML (one test case per threshold and per regression rule) and a Markdown
+summary fit for a pull-request comment. Standard library only: the server and the torch-free
+client render with the same code."""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SUITE = "dpaat-audit"
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if isinstance(v, bool) or v is None:
+        return "–" if v is None else str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else "–"
+    return str(v)
+
+
+def cases(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(kind, result)`` of every rule: the thresholds, then the regression rules."""
+    audit = doc.get("audit") or {}
+    return [("thresholds", r) for r in audit.get("thresholds", [])] + [
+        ("regression", r) for r in audit.get("regression", [])
+    ]
+
+
+def failure_message(kind: str, r: Mapping[str, Any]) -> str:
+    """``observed 0.312 < required 0.400`` style message of a failed case."""
+    if kind == "regression":
+        head = (
+            f"observed {_num(r.get('observed'), 4)}, baseline {_num(r.get('baseline'), 4)}, "
+            f"required >= {_num(r.get('required'), 4)}"
+        )
+    else:
+        op = {">=": "<", "<=": ">", "==": "!=", "!=": "=="}.get(str(r.get("op")), "vs")
+        head = f"observed {_num(r.get('observed'), 4)} {op} required {_num(r.get('required'), 4)}"
+    detail = str(r.get("detail") or "")
+    # the detail only adds something when it explains a missing value or an incomparable baseline
+    redundant = detail.startswith(("observed", "dropped"))
+    return f"{head} ({detail})" if detail and not redundant else head
+
+
+def junit_xml(doc: Mapping[str, Any]) -> str:
+    """JUnit XML: a ``testsuites`` root with one ``testsuite``; each threshold and regression rule
+    is a ``testcase`` whose ``failure`` message gives the observed and the required value."""
+    rules = cases(doc)
+    failures = sum(1 for _, r in rules if not r.get("passed"))
+    seconds = _num(float((doc.get("timings") or {}).get("total_s") or 0.0), 3)
+    root = ET.Element(
+        "testsuites", name=SUITE, tests=str(len(rules)), failures=str(failures), errors="0"
+    )
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        name=SUITE,
+        tests=str(len(rules)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=seconds,
+    )
+    props = ET.SubElement(suite, "properties")
+    audit = doc.get("audit") or {}
+    model, data = doc.get("model") or {}, doc.get("dataset") or {}
+    for name, value in (
+        ("audit_id", audit.get("id")),
+        ("model_id", audit.get("model_id")),
+        ("checkpoint_sha256", model.get("checkpoint_sha256")),
+        ("dataset", data.get("name")),
+        ("manifest_sha256", data.get("manifest_sha256")),
+        ("verdict", doc.get("verdict")),
+    ):
+        ET.SubElement(props, "property", name=name, value=str(value))
+    for kind, r in rules:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"dpaat.audit.{kind}", name=str(r["name"]), time="0"
+        )
+        if not r.get("passed"):
+            message = failure_message(kind, r)
+            failure = ET.SubElement(case, "failure", message=message, type=f"{kind}_not_met")
+            failure.text = f"{r['name']}: {message}"
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def error_junit(message: str) -> str:
+    """JUnit XML for an audit that produced no report (its job failed or was cancelled)."""
+    root = ET.Element("testsuites", name=SUITE, tests="1", failures="0", errors="1")
+    suite = ET.SubElement(
+        root, "testsuite", name=SUITE, tests="1", failures="0", errors="1", skipped="0", time="0"
+    )
+    case = ET.SubElement(suite, "testcase", classname="dpaat.audit", name="evaluation", time="0")
+    ET.SubElement(case, "error", message=message, type="evaluation_error").text = message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def _mark(passed: Any) -> str:
+    return "✅ pass" if passed else "❌ FAIL"
+
+
+def markdown(doc: Mapping[str, Any], plot: str | None = None) -> str:
+    """A pull-request comment: the outcome, every threshold and regression rule with its observed
+    and required value, and the robustness curve's numbers (``plot``: the curve image's link)."""
+    audit = doc.get("audit") or {}
+    model, data = doc.get("model") or {}, doc.get("dataset") or {}
+    passed = bool(audit.get("passed"))
+    classes = list(model.get("classes") or [])
+    lines = [
+        f"## {'✅' if passed else '❌'} Robustness audit {'passed' if passed else 'FAILED'}",
+        "",
+        f"Model `{model.get('architecture')}` ({model.get('method') or 'uploaded'}, sha256 "
+        f"`{str(model.get('checkpoint_sha256'))[:12]}`) on {data.get('name')} "
+        f"({data.get('split')}, {data.get('samples')} images) · validity checks: "
+        f"**{str(doc.get('verdict')).upper()}** · curve area {_num(doc.get('curve_auc'))} · "
+        f"audit `{audit.get('id')}`",
+        "",
+        "### Thresholds",
+        "",
+        *_table(
+            ["rule", "observed", "required", "result"],
+            [
+                [
+                    r["name"],
+                    _num(r.get("observed")),
+                    f"{r['op']} {_num(r.get('required'))}",
+                    _mark(r.get("passed")),
+                ]
+                for r in audit.get("thresholds", [])
+            ],
+        ),
+    ]
+    regression = audit.get("regression") or []
+    if regression:
+        base = audit.get("baseline") or {}
+        lines += [
+            "",
+            f"### Regression against audit `{base.get('audit_id')}` "
+            f"(max drop {_num(base.get('max_drop'))})",
+            "",
+            *_table(
+                ["metric", "baseline", "observed", "required", "result"],
+                [
+                    [
+                        r["name"].split(" ")[0],
+                        _num(r.get("baseline")),
+                        _num(r.get("observed")),
+                        f">= {_num(r.get('required'))}",
+                        _mark(r.get("passed")),
+                    ]
+                    for r in regression
+                ],
+            ),
+        ]
+        notes = sorted({r["detail"] for r in regression if r.get("detail")})
+        lines += ["", *[f"- {n}" for n in notes]] if notes else []
+    robust = doc.get("robust") or {}
+    rows = sorted(robust.values(), key=lambda r: float(r.get("eps", 0)))
+    mel = "mel" in classes
+    header = ["eps (1/255)", "accuracy", "balanced accuracy", "mAP"]
+    header += ["mel recall"] if mel else []
+    lines += ["", "### Robustness curve (worst case over the attacks)", ""]
+    lines += _table(
+        header,
+        [
+            [f"{float(r['eps']):g}", _num(r.get("accuracy")), _num(r.get("balanced_accuracy"))]
+            + [_num(r.get("map"))]
+            + ([_num((r.get("recall") or {}).get("mel"))] if mel else [])
+            for r in rows
+        ],
+    )
+    if plot:
+        lines += ["", f"![Robustness curve]({plot})"]
+    failing = [c for c in doc.get("checks") or [] if c.get("status") != "pass"]
+    if failing:
+        lines += ["", "### Validity checks not passing", ""]
+        lines += _table(
+            ["check", "status", "detail"],
+            [[c.get("name"), str(c.get("status")).upper(), c.get("detail")] for c in failing],
+        )
+    threat = doc.get("threat_model") or {}
+    attacks = ", ".join(str(a.get("label", a.get("name"))) for a in threat.get("attacks", []))
+    lines += ["", f"<sub>Threat model: L-inf, attacks {attacks}; eps in 1/255 units.</sub>"]
+    return "\n".join(lines) + "\n"

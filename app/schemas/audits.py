@@ -1,0 +1,193 @@
+"""Audit requests and responses: an evaluation job plus thresholds, optionally compared with a
+baseline audit. All eps are in 1/255 units; metric values are fractions in [0, 1]."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.schemas.common import ORMModel
+from app.schemas.jobs import EPS_LIMIT, AttackSpec, Status, _default_attacks
+
+# Metrics of the report's clean / robust[eps] sections a threshold can name (recall.<class> too),
+# plus "curve_auc" (whole report, no eps) and "verdict" (the validity checks: pass < warn < fail).
+NUMERIC_METRICS = ("accuracy", "balanced_accuracy", "map", "auroc")
+METRIC_PATTERN = r"^(accuracy|balanced_accuracy|map|auroc|curve_auc|verdict|recall\.[^\s@]{1,100})$"
+VERDICTS = ("pass", "warn", "fail")
+Outcome = Literal["pending", "passed", "failed", "error"]
+
+
+class Threshold(BaseModel):
+    """One requirement, e.g. ``{"metric": "accuracy", "eps": 2, "op": ">=", "value": 0.4}``
+    (robust accuracy at 2/255 at least 0.40) or ``{"metric": "verdict", "op": "!=",
+    "value": "fail"}``. ``eps`` null means the clean metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(
+        pattern=METRIC_PATTERN,
+        description="accuracy | balanced_accuracy | map | auroc | recall.<class> | curve_auc | "
+        "verdict",
+        examples=["recall.mel"],
+    )
+    eps: float | None = Field(
+        default=None, ge=0, le=EPS_LIMIT, description="1/255 units; null = clean."
+    )
+    op: Literal[">=", "<=", "==", "!="] = ">="
+    value: float | Literal["pass", "warn", "fail"]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Threshold:
+        if self.metric == "verdict":
+            if self.op not in ("==", "!=") or not isinstance(self.value, str):
+                raise ValueError("verdict thresholds are 'verdict != fail' or 'verdict == pass'")
+            if self.eps is not None:
+                raise ValueError("the verdict has no eps")
+            return self
+        if self.op not in (">=", "<="):
+            raise ValueError(f"{self.metric} thresholds use >= or <=")
+        if isinstance(self.value, str) or not 0 <= self.value <= 1:
+            raise ValueError(f"{self.metric} is a fraction: the value must be in [0, 1]")
+        if self.metric == "curve_auc" and self.eps is not None:
+            raise ValueError("curve_auc summarises every eps: give no eps")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How the threshold reads: ``accuracy@2 >= 0.4``, ``verdict != fail``."""
+        where = "" if self.eps is None else f"@{self.eps:g}"
+        value = self.value if isinstance(self.value, str) else f"{self.value:g}"
+        return f"{self.metric}{where} {self.op} {value}"
+
+
+class Baseline(BaseModel):
+    """Compare with an earlier audit: this one fails when any threshold metric drops by more than
+    ``max_drop`` (0.02 = 2 points) below the baseline's value at the same eps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audit_id: str | None = Field(default=None, description="A finished audit of yours.")
+    model_name: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The latest passing audit of a model with this name (your production model).",
+    )
+    max_drop: float = Field(default=0.02, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> Baseline:
+        if (self.audit_id is None) == (self.model_name is None):
+            raise ValueError("give exactly one of audit_id and model_name")
+        return self
+
+
+class AuditRequest(BaseModel):
+    """Audit a registered model: evaluate it (attacks x eps) and check thresholds."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "0d6c2b0e5a9f4c1e8b7a6d5c4b3a2910",
+                    "dataset_id": "8c0f6f0e2b5c4f0e9d7a1b2c3d4e5f60",
+                    "eps_list": [0, 1, 2],
+                    "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 20}],
+                    "thresholds": [
+                        {"metric": "balanced_accuracy", "op": ">=", "value": 0.6},
+                        {"metric": "accuracy", "eps": 2, "op": ">=", "value": 0.4},
+                        {"metric": "recall.mel", "eps": 1, "op": ">=", "value": 0.5},
+                        {"metric": "verdict", "op": "!=", "value": "fail"},
+                    ],
+                    "baseline": {"model_name": "production", "max_drop": 0.02},
+                }
+            ]
+        },
+    )
+
+    model_id: str
+    dataset_id: str | None = Field(
+        default=None, description="null: the dataset the model was trained on."
+    )
+    part: Literal["train", "val", "test"] = "test"
+    limit: int | None = Field(default=None, ge=1, description="Cap on images, class-stratified.")
+    eps_list: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0], min_length=1, max_length=16
+    )
+    attacks: list[AttackSpec] = Field(default_factory=_default_attacks, min_length=1, max_length=8)
+    gradcam: bool = True
+    batch_size: int = Field(default=128, ge=1, le=4096)
+    thresholds: list[Threshold] = Field(min_length=1, max_length=100)
+    baseline: Baseline | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_within_threat_model(self) -> AuditRequest:
+        bad = [e for e in self.eps_list if not 0 <= e <= EPS_LIMIT]
+        if bad:
+            raise ValueError(f"eps must be in [0, {EPS_LIMIT:g}] (1/255 units), got {bad}")
+        self.eps_list = sorted(set(self.eps_list))
+        for t in self.thresholds:
+            if t.eps is not None and t.eps not in self.eps_list:
+                raise ValueError(
+                    f"threshold {t.name!r}: eps {t.eps:g} is not in eps_list {self.eps_list}"
+                )
+        return self
+
+    def evaluation_params(self) -> dict[str, Any]:
+        """The ``EvaluateJobRequest`` JSON of the audit's evaluation job."""
+        return self.model_dump(mode="json", exclude={"thresholds", "baseline"})
+
+
+class ThresholdResult(BaseModel):
+    name: str = Field(examples=["accuracy@2 >= 0.4"])
+    metric: str
+    eps: float | None
+    op: str
+    required: float | str
+    observed: float | str | None = Field(description="null: the report has no value for it.")
+    passed: bool
+    detail: str = ""
+
+
+class RegressionResult(BaseModel):
+    name: str = Field(examples=["accuracy@2 no worse than baseline - 0.02"])
+    metric: str
+    eps: float | None
+    baseline: float | None
+    observed: float | None
+    required: float | None = Field(description="baseline - max_drop")
+    passed: bool
+    detail: str = ""
+
+
+class AuditOut(ORMModel):
+    """An audit. ``status`` is its evaluation job's; ``passed`` is null until the job succeeded,
+    then every threshold (and every regression rule) must hold."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None
+    job_id: str | None
+    status: Status
+    outcome: Outcome
+    passed: bool | None
+    thresholds: list[dict[str, Any]]
+    baseline: dict[str, Any] | None
+    progress: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class AuditDetail(AuditOut):
+    """An audit with its results (once finished)."""
+
+    evaluation_id: str | None = None
+    threshold_results: list[ThresholdResult] = Field(default_factory=list)
+    regression_results: list[RegressionResult] = Field(default_factory=list)
+    verdict: str | None = Field(default=None, description="The report's validity-check verdict.")
+    report_url: str | None = Field(
+        default=None, description="Where the full report is (JSON, ?format=md or ?format=junit)."
+    )
