@@ -114,11 +114,17 @@ def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict
     # learned tensor must be there with the right shape.
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    optional = ("mean", "std")  # and BatchNorm's batch counters
+    # A tensor may have several names (``cam_layer`` aliases a backbone block): one is enough.
+    names: dict[int, list[str]] = {}
+    for k, v in own.items():
+        names.setdefault(v.data_ptr(), []).append(k)
+    optional = ("mean", "std")  # and BatchNorm's batch counters keep their defaults
     absent = [
-        k
-        for k in own
-        if k not in state and k not in optional and not k.endswith("num_batches_tracked")
+        group[0]
+        for group in names.values()
+        if not any(k in state for k in group)
+        and group[0] not in optional
+        and not group[0].endswith("num_batches_tracked")
     ]
     if wrong or absent:
         raise ValueError(
