@@ -1,5 +1,6 @@
 """What every attack shares: eval mode (BatchNorm statistics untouched) and mode restore, no weight
-gradients, a per-sample epsilon tensor, clamping to [0, 1], and chunked batching."""
+gradients, a per-sample epsilon tensor, clamping to [0, 1], a seeded generator, and chunked
+batching."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target
 
 
 def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample (no reduction), computed in float32."""
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
@@ -33,6 +35,21 @@ def as_eps(eps: float | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tenso
 def view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample (n,) tensor over an image batch (n, C, H, W)."""
     return t.view(-1, *([1] * (x.ndim - 1)))
+
+
+def fast_layout(x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """``x`` in the memory layout the attack loops run fastest in.
+
+    ``None`` picks channels-last for image batches on the CPU: oneDNN convolutions then skip a
+    layout reorder per layer (1.4x faster forward+backward for small_cnn on 2 cores, no change for
+    resnet18). Values are identical; only the strides differ. On CUDA the caller's layout is kept
+    (not measured here).
+    """
+    if x.ndim != 4:
+        return x
+    if channels_last is None:
+        channels_last = x.device.type == "cpu"
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @contextmanager
@@ -55,44 +72,70 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:
+def input_grad(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gradient of the summed loss w.r.t. x, per-sample loss, logits) in one forward+backward."""
     x = x.detach().requires_grad_(True)
-    logits = model(x)
-    loss = loss_fn(logits, target)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
+    with torch.enable_grad():
+        logits = model(x)
+        loss = loss_fn(logits, target)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
     return grad, loss.detach(), logits.detach()
 
 
 class Attack:
     """Base class: subclasses implement :meth:`perturb` on one chunk, with the model already in
-    eval mode and frozen, and a per-sample ``eps`` tensor (n,) in pixel units."""
+    eval mode and frozen, and a per-sample ``eps`` tensor (n,) in pixel units.
+
+    Randomised attacks pass ``seed``: the generator is re-created from it at every call, so the
+    same call on the same inputs gives the same result (random numbers are drawn on the CPU, so
+    also across devices). ``describe()`` lists the parameters that change the result.
+    """
 
     name: ClassVar[str] = "attack"
     norm: str = "linf"
 
-    def __init__(self, model: nn.Module, batch_size: int = 256, **params: Any) -> None:
+    def __init__(
+        self, model: nn.Module, batch_size: int = 256, seed: int | None = None, **params: Any
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         self.model = model
         self.batch_size = batch_size
+        self.seed = seed
         self.params = params
+        self.generator: torch.Generator | None = None
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, for the report's threat model."""
-        return {"name": self.name, "norm": self.norm, **self.params}
+        out: dict[str, Any] = {"name": self.name, "norm": self.norm, **self.params}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,), radius ``eps``
+        (a float or a per-sample tensor (N,), pixel units). The result has ``x``'s layout."""
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        if len(x) and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+            raise ValueError("inputs must lie in [0, 1] (normalisation belongs inside the model)")
         eps_t = as_eps(eps, len(x), x)
-        out = torch.empty_like(x)
+        if len(x) == 0:
+            return x.detach().clone()
+        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        chunks = []
         with attack_mode(self.model):
             for s in range(0, len(x), self.batch_size):
-                sl = slice(s, s + self.batch_size)
-                xs, es = x[sl].detach(), eps_t[sl]
-                adv = self.perturb(xs, y[sl], es)
-                # eps = 0 is the identity exactly, whatever the attack did numerically
-                out[sl] = torch.where(view(es, xs) > 0, adv, xs).detach()
-        return out
+                xs, es = x[s : s + self.batch_size].detach(), eps_t[s : s + self.batch_size]
+                adv = self.perturb(xs, y[s : s + self.batch_size], es).detach()
+                if not bool((es > 0).all()):
+                    # eps = 0 is the identity exactly, whatever the attack did numerically
+                    adv = torch.where(view(es, xs) > 0, adv, xs)
+                chunks.append(adv)
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return out.contiguous() if x.is_contiguous() else out
