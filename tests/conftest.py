@@ -1,5 +1,6 @@
 """Shared fixtures. Real data and the full stack are optional on a laptop and mandatory in CI:
-.ci/run sets DPAAT_REQUIRE_DATA=1 and DPAAT_REQUIRE_FULLSTACK=1, which turn a skip into a failure."""
+.ci/run sets DPAAT_REQUIRE_DATA=1 and DPAAT_REQUIRE_FULLSTACK=1, which turn a skip into a
+failure."""
 
 from __future__ import annotations
 
