@@ -25,6 +25,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## Set up, lint, type-check and run every test.
+## Set up, lint, type-check and run every test. One torch thread per process: the full-stack
+## tests run the API, a worker and pytest side by side on 2 cores, and oversubscribed threads
+## spin against each other (measured several-fold slower).
 test: lint
-	$(BIN)/pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest
