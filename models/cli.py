@@ -203,6 +203,6 @@ def register(cli: typer.Typer) -> None:
     cli.command("train")(train_cmd)
     cli.command("evaluate")(evaluate_cmd)
     cli.command("predict")(predict_cmd)
-    from models.experiment_cli import experiment_cmd  # owned by EXPERIMENT
+    from models.experiment_cli import experiment_cmd
 
     cli.command("experiment")(experiment_cmd)

@@ -1,0 +1,291 @@
+"""The experiment runner on a tiny generated-data config: result files appear, a re-run skips
+finished units, a corrupted or stale result is detected and recomputed, results are published."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.experiment import (
+    RESULT_FILE,
+    Experiment,
+    ExperimentError,
+    load_experiment,
+    parse_experiment,
+    read_result,
+    run_experiment,
+    unit_dir,
+)
+from models.training import TrainConfig, TrainResult
+
+TINY = """
+name = "tiny"
+description = "Two methods, one epoch, 64 generated images."
+data = "synthetic"
+methods = ["standard", "dpaat"]
+seeds = [0]
+
+[train]
+image_size = 32
+limit = 32
+epochs = 1
+batch_size = 16
+pgd_steps = 2
+bisection_steps = 2
+
+[eval]
+eps = [0, 2, 8]
+gradcam = true
+attacks = [{ name = "fgsm" }, { name = "pgd", steps = 3 }]
+"""
+
+
+def _load(tmp: Path, text: str = TINY) -> Experiment:
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(text)
+    return load_experiment(cfg, out=tmp / "runs")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine two threads spin against other processes and
+    run several times slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete tiny run; tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("experiment")
+    exp = _load(root)
+    outcomes = run_experiment(exp, log=lambda _: None)
+    assert [(o.unit.key, o.status) for o in outcomes] == [
+        ("standard-seed0", "done"),
+        ("dpaat-seed0", "done"),
+    ]
+    return root
+
+
+def _copy(finished: Path, tmp_path: Path) -> Experiment:
+    shutil.copytree(finished, tmp_path / "copy")
+    return _load(tmp_path / "copy")
+
+
+def test_result_files_hold_report_history_and_hash(finished: Path) -> None:
+    exp = _load(finished)
+    for unit in exp.units():
+        body, why = read_result(unit_dir(exp, unit) / RESULT_FILE)
+        assert why == "ok" and body is not None
+        assert body["method"] == unit.method and body["seed"] == 0
+        assert 0.0 <= body["report"]["clean"]["accuracy"] <= 1.0
+        assert len(body["history"]) == 1 and body["timings"]["epoch_seconds_mean"] > 0
+        assert (unit_dir(exp, unit) / "checkpoint.pt").is_file()
+    dpaat = read_result(unit_dir(exp, exp.units()[1]) / RESULT_FILE)[0]
+    assert dpaat is not None and "tau" in dpaat["history"][0] and "eps_hist" in dpaat["history"][0]
+
+
+def test_second_run_skips_finished_units(finished: Path, tmp_path: Path) -> None:
+    exp = _copy(finished, tmp_path)
+    files = [unit_dir(exp, u) / RESULT_FILE for u in exp.units()]
+    before = [f.read_bytes() for f in files]
+    outcomes = run_experiment(exp, log=lambda _: None)
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert [f.read_bytes() for f in files] == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_corrupted_result_is_detected_and_recomputed(
+    finished: Path, tmp_path: Path, damage: str
+) -> None:
+    exp = _copy(finished, tmp_path)
+    _, dpaat = exp.units()
+    path = unit_dir(exp, dpaat) / RESULT_FILE
+    text = path.read_text()
+    if damage == "truncate":  # a write cut short
+        path.write_text(text[: len(text) // 2])
+    else:  # valid JSON whose numbers no longer match the checksum
+        doc = json.loads(text)
+        doc["body"]["report"]["clean"]["accuracy"] = (
+            1.0 - doc["body"]["report"]["clean"]["accuracy"] + 0.5
+        )
+        path.write_text(json.dumps(doc))
+    assert read_result(path)[0] is None
+    logs: list[str] = []
+    outcomes = run_experiment(exp, log=logs.append)
+    assert [o.status for o in outcomes] == ["skipped", "done"]
+    assert any("recomputing" in line for line in logs)
+    body, why = read_result(path)
+    assert why == "ok" and body is not None
+    # the checkpoint was complete, so only the evaluation ran again: same model, same numbers
+    original = read_result(unit_dir(_load(finished), dpaat) / RESULT_FILE)[0]
+    assert original is not None and body["checkpoint_sha256"] == original["checkpoint_sha256"]
+    assert body["report"]["clean"] == original["report"]["clean"]
+
+
+def test_changed_settings_make_a_result_stale(finished: Path, tmp_path: Path) -> None:
+    exp = _copy(finished, tmp_path)
+    changed = _load(tmp_path / "copy", TINY + "\n[method.dpaat]\nz = 1.0\n")
+    outcomes = run_experiment(changed, log=lambda _: None)
+    assert [o.status for o in outcomes] == ["skipped", "done"]
+    body = read_result(unit_dir(changed, changed.units()[1]) / RESULT_FILE)[0]
+    assert body is not None and body["train_config"]["z"] == 1.0
+    # the old run (whose checkpoint must not be resumed under new settings) is kept aside
+    assert len(list(exp.run_dir.glob("dpaat-seed0.stale-*"))) == 1
+
+
+def test_summarize_publishes_tables_and_plots(finished: Path, tmp_path: Path) -> None:
+    from models.experiment_report import summarize
+
+    exp = _load(finished)
+    readme = summarize(exp, tmp_path / "results", log=lambda _: None)
+    text = readme.read_text()
+    assert "| `standard` |" in text and "| `dpaat` |" in text
+    for name in (
+        "curves.png",
+        "dpaat_eps_hist.png",
+        "dpaat_tau.png",
+        "gradcam_montage.png",
+        "summary.json",
+    ):
+        assert (tmp_path / "results" / name).stat().st_size > 0, name
+    copies = sorted(p.name for p in (tmp_path / "results" / "units").iterdir())
+    assert copies == ["dpaat-seed0.json", "standard-seed0.json"]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["units_missing"] == []
+    assert summary["aggregates"]["dpaat"]["n"] == 1
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"methods": ["standard", "madry"]}, "unknown method"),
+        ({"method": {"dpaat": {"image_size": 64}}}, "same data"),
+        ({"train": {"epochs": 1, "seed": 3}}, "may not set"),
+        ({"train": {"epochs": 0}}, "epochs must be >= 1"),
+        ({"eval": {"eps": [2, 4]}}, "include 0"),
+        ({"evaluation": {}}, "unknown keys"),
+        ({"variant": [{"name": "dpaat", "method": "dpaat"}]}, "differ"),
+    ],
+)
+def test_invalid_experiment_files_are_refused(patch: dict, message: str) -> None:
+    body = {"name": "x", "data": "synthetic", "methods": ["standard", "dpaat"], **patch}
+    with pytest.raises(ExperimentError, match=message):
+        parse_experiment(body)
+
+
+def test_variants_and_seeds_expand_in_run_order() -> None:
+    exp = parse_experiment(
+        {
+            "name": "x",
+            "data": "synthetic",
+            "methods": ["dpaat", "amat_external", "standard"],
+            "seeds": [0, 1],
+            "variant": [
+                {"name": "dpaat-z1", "method": "dpaat", "group": "ablation", "set": {"z": 1.0}}
+            ],
+        }
+    )
+    keys = [u.key for u in exp.units()]
+    # standard first: amat_external reuses its checkpoint as the reference model
+    assert keys == [
+        "standard-seed0",
+        "dpaat-seed0",
+        "amat_external-seed0",
+        "standard-seed1",
+        "dpaat-seed1",
+        "amat_external-seed1",
+        "dpaat-z1-seed0",
+    ]
+    assert exp.units()[-1].settings["z"] == 1.0
+
+
+def test_repo_presets_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(root.glob("*.toml"))
+    assert {"cpu.toml", "gpu-resnet50.toml", "gpu-densenet121.toml"} <= {f.name for f in files}
+    for f in files:
+        body = tomllib.loads(f.read_text())
+        exp = parse_experiment({**body, "data": "synthetic"})
+        assert set(exp.methods) == {
+            "standard",
+            "pgd_at",
+            "trades",
+            "dpaat",
+            "amat_external",
+            "iaat_flip",
+        }
+
+
+def test_a_failing_unit_is_recorded_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.training
+
+    real_train = models.training.train
+
+    def flaky(cfg: TrainConfig, out_dir: Path, hooks: Any = None, data: Any = None) -> TrainResult:
+        if cfg.method == "standard":
+            raise FloatingPointError("loss nan at epoch 1")
+        return real_train(cfg, out_dir, hooks=hooks, data=data)
+
+    monkeypatch.setattr(models.training, "train", flaky)
+    exp = _load(tmp_path)
+    outcomes = run_experiment(exp, log=lambda _: None)
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    assert "loss nan" in outcomes[0].detail
+    assert "FloatingPointError" in (unit_dir(exp, exp.units()[0]) / "error.txt").read_text()
+    assert not (unit_dir(exp, exp.units()[0]) / RESULT_FILE).exists()
+
+
+def test_claim_check_decides_with_the_stated_tolerances() -> None:
+    from models.experiment_report import claim_check
+
+    def agg(**m: float) -> dict:
+        return {"mean": m, "spread": {}, "n": 1}
+
+    base = {
+        "clean_acc": 0.70,
+        "clean_bacc": 0.50,
+        "clean_map": 0.50,
+        "focus_clean": 0.5,
+        "focus_adv": 0.5,
+    }
+    aggs = {
+        "standard": agg(**base, **{"rob_acc@1": 0.10, "rob_acc@2": 0.05}),
+        "pgd_at": agg(**{**base, "clean_acc": 0.60}, **{"rob_acc@1": 0.40, "rob_acc@2": 0.30}),
+        # clean acc 1 point below standard (close), bacc 5 points below (not close)
+        "dpaat": agg(
+            **{**base, "clean_acc": 0.69, "clean_bacc": 0.45, "focus_clean": 0.6},
+            **{"rob_acc@1": 0.39, "rob_acc@2": 0.20},
+        ),
+    }
+    items = claim_check(aggs)
+
+    def holds(start: str) -> bool | None:
+        (item,) = [c for c in items if c["claim"].startswith(start)]
+        return item["holds"]
+
+    assert holds("clean accuracy close") is True  # 1 point below standard, above pgd_at
+    assert holds("clean balanced accuracy close") is False  # 5 points below standard
+    assert holds("robust accuracy at ε=1/255") is True  # +29 over standard, 1 below pgd_at
+    assert holds("robust accuracy at ε=2/255") is False  # 10 below pgd_at
+    assert holds("higher lesion-focus score (clean)") is True
+    assert holds("higher lesion-focus score (adversarial)") is False  # a tie is not higher
+    assert all(c["holds"] is None for c in items if "amat_external" in c["claim"])  # not run
+
+
+def test_only_with_an_unknown_unit_is_refused_before_any_work(tmp_path: Path) -> None:
+    exp = _load(tmp_path)
+    with pytest.raises(ExperimentError, match="no such unit"):
+        run_experiment(exp, only=["dpat"], log=lambda _: None)
+    assert not exp.run_dir.exists()
