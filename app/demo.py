@@ -137,6 +137,7 @@ def run_demo(out: str, data: str | None, epochs: int, limit: int) -> int:
                 "limit": limit,
                 "image_size": 64,
                 "pgd_steps": 5,
+                "class_weights": True,  # nv is 2/3 of HAM10000
             }
             job = _check(
                 client.post(
@@ -146,7 +147,7 @@ def run_demo(out: str, data: str | None, epochs: int, limit: int) -> int:
             )
             console.print(f"[bold]train[/] job {job['id']}: {config}")
             job = _wait_job(client, job["id"], "train")
-            model_id = job["model_id"]
+            model_id = job["result"]["model_id"]
             console.print(f"model {model_id} registered")
             ev = _check(
                 client.post(
@@ -156,7 +157,7 @@ def run_demo(out: str, data: str | None, epochs: int, limit: int) -> int:
             )
             console.print(f"[bold]evaluate[/] job {ev['id']} (FGSM + PGD-20, eps 0..8/255)")
             _wait_job(client, ev["id"], "evaluate")
-            report = _check(client.get(f"/api/v1/models/{model_id}/report"))
+            report = _check(client.get(f"/api/v1/models/{model_id}/report"))["report"]
             md = client.get(f"/api/v1/models/{model_id}/report", params={"format": "md"})
             (run / "report.json").write_text(json.dumps(report, indent=1))
             (run / "report.md").write_text(md.text)
