@@ -190,7 +190,7 @@ class APGD(Attack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.model(x)
+            logits = self.model(fast_layout(x))
         k = logits.shape[1]
         if k < self.min_classes:
             raise ValueError(f"{self.name} needs at least {self.min_classes} classes, got {k}")

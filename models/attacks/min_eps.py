@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.attacks.base import attack_mode, view
+from models.attacks.base import attack_mode, fast_layout, view
 from models.attacks.pgd import pgd_steps
 
 ALPHA_FACTOR = 2.5  # PGD step = 2.5 eps / steps, as everywhere in the project
@@ -135,7 +135,8 @@ def robustness_score(
     radii = radius_grid(cap, n_radii, eps_list)
     r = len(radii)
     with attack_mode(model), torch.no_grad():
-        pred = torch.cat([model(x[s : s + batch_size]).argmax(1) for s in range(0, n, batch_size)])
+        chunks = [fast_layout(x[s : s + batch_size]) for s in range(0, n, batch_size)]
+        pred = torch.cat([model(c).argmax(1) for c in chunks])
 
     def search(
         rows_x: torch.Tensor, rows_pred: torch.Tensor, rows_eps: torch.Tensor
