@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from app.client import audit as audit_cli
+from app.client import compare as compare_cli
 from models import cli as ml_cli
 
 cli = typer.Typer(
@@ -24,6 +25,7 @@ def _register_server() -> None:
 
 _register_server()
 audit_cli.register(cli)  # httpx + typer + rich only: works with just `dpaat[client]` installed
+compare_cli.register(cli)
 
 
 @cli.command("demo")

@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import API_PREFIX, errors
+from app.api.auth import AuthMiddleware
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routes import audits, datasets, health, jobs, models, predict
+from app.api.routes import audits, compare, datasets, health, jobs, keys, models, predict
 from app.core.settings import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import ErrorOut
+from app.services import images
 from app.services.predictor import Predictor
 from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
@@ -31,9 +33,13 @@ adversarial training, or a baseline: standard, pgd_at, trades, amat_external, ia
 **evaluation jobs** (FGSM, PGD, APGD, Square over an eps list, with Grad-CAM and validity checks),
 follow them live (server-sent events), then **predict** with a robustness score per image.
 
-All perturbation radii (eps) are in 1/255 units of [0, 1] pixels. Every object belongs to the
-`X-API-Key` that created it (none: the "local" owner); another key gets 404. Errors are JSON
-`{"detail": ...}`.
+All perturbation radii (eps) are in 1/255 units of [0, 1] pixels. Requests carry an API key
+(`X-API-Key: dpk_...` or `Authorization: Bearer dpk_...`; 401 without a valid one) whose scopes
+allow them: `read` for GET, `submit` for everything that creates, cancels, deletes or predicts,
+`admin` for /api/v1/keys (403 without the scope). Every object belongs to the owner of the key
+that created it; another owner gets 404. Per-owner quotas on active jobs and upload volume answer
+429 with Retry-After. (The embedded default may run with authentication off: then the owner is a
+hash of `X-API-Key`, or "local" without one.) Errors are JSON `{"detail": ...}`.
 """
 
 
@@ -51,11 +57,23 @@ def _body_limits(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
         if path.endswith("/predict") or path.endswith("/predict/batch"):
             return images
-        if path.rstrip("/") in (f"{API_PREFIX}/datasets", f"{API_PREFIX}/models"):
+        if path.rstrip("/") in (f"{API_PREFIX}/{p}" for p in ("datasets", "models", "audits")):
             return uploads
         return JSON_BODY_LIMIT
 
     return limit_for
+
+
+def _log_auth(settings: Settings) -> None:
+    if settings.auth_enabled:
+        log.info("authentication on: API keys required (DPAAT_AUTH=%s)", settings.auth)
+    else:
+        log.warning(
+            "AUTHENTICATION IS OFF (DPAAT_AUTH=%s, %s): no API key is checked; rows are separated "
+            "by a hash of X-API-Key only. Never expose this service to a network.",
+            settings.auth,
+            "the embedded default" if not settings.full_stack else "full stack",
+        )
 
 
 def create_app(
@@ -67,6 +85,8 @@ def create_app(
     """
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
+    _log_auth(settings)
+    images.enforce_pixel_limit(settings.max_image_pixels)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +112,7 @@ def create_app(
             {"name": "models", "description": "Trained and uploaded classifiers, reports."},
             {"name": "predict", "description": "Robust classification of images."},
             {"name": "audits", "description": "CI gates: thresholds and regression checks."},
+            {"name": "keys", "description": "API keys (admin scope)."},
             {"name": "health", "description": "Liveness, readiness, metrics."},
         ],
     )
@@ -99,16 +120,19 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = ArtifactStore(settings.artifact_dir)
-    app.state.predictor = Predictor(settings.predictor_cache_size)
+    app.state.predictor = Predictor(settings.predictor_cache_size, settings.predict_concurrency)
     app.state.dispatcher = dispatcher or _default_dispatcher
     app.state.metrics = Metrics()
 
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    # Outside the body limit: a request without a valid key is refused before anything else.
+    app.add_middleware(AuthMiddleware, settings=settings, factory=app.state.sessionmaker)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(errors.DatabaseDownMiddleware)  # outermost: covers the layers above
 
     # Each router carries its full prefix, so metrics see the full route template.
-    for module in (datasets, jobs, models, predict, audits, health):
+    for module in (datasets, jobs, models, predict, audits, compare, keys, health):
         app.include_router(module.router)
     return app
 

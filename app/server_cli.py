@@ -1,4 +1,4 @@
-"""Server commands of the ``dpaat`` CLI: ``serve``, ``worker`` and ``migrate``.
+"""Server commands of the ``dpaat`` CLI: ``serve``, ``worker``, ``migrate`` and ``keys``.
 
 ``app.cli`` calls :func:`register`. Heavy imports (uvicorn, FastAPI, Celery, Alembic) happen inside
 the commands so that ``dpaat --help`` and the ML commands stay fast.
@@ -19,6 +19,21 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def _refuse_without_auth(command: str) -> None:
+    """The full stack never runs open: exit 2 with one line when DPAAT_AUTH turns auth off."""
+    from app.core.settings import get_settings
+
+    settings = get_settings()
+    if settings.full_stack and not settings.auth_enabled:
+        typer.echo(
+            f"dpaat {command}: refusing to start: authentication is off (DPAAT_AUTH="
+            f"{settings.auth}) on the full stack (PostgreSQL or a broker configured); unset "
+            "DPAAT_AUTH and create a key with `dpaat keys create --owner NAME --scopes ...`",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 class _Stopped(Exception):
@@ -44,6 +59,7 @@ def serve(
     from app.core.settings import get_settings
 
     _configure_logging(log_level)
+    _refuse_without_auth("serve")
     settings = get_settings()
     if settings.embedded or settings.auto_migrate:
         from app.db.migrate import upgrade
@@ -98,6 +114,7 @@ def worker(
             err=True,
         )
         raise typer.Exit(2)
+    _refuse_without_auth("worker")
     from worker.celery_app import DEFAULT_QUEUE, celery_app
 
     if pool not in ("prefork", "solo", "threads"):
@@ -137,7 +154,10 @@ def migrate(
 
 
 def register(cli: typer.Typer) -> None:
-    """Add ``serve``, ``worker`` and ``migrate`` to the ``dpaat`` command line."""
+    """Add ``serve``, ``worker``, ``migrate`` and ``keys`` to the ``dpaat`` command line."""
+    from app import keys_cli
+
     cli.command("serve")(serve)
     cli.command("worker")(worker)
     cli.command("migrate")(migrate)
+    keys_cli.register(cli)

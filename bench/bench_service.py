@@ -122,6 +122,16 @@ def stack(pg_url: str, redis_url: str, workdir: Path) -> Iterator[Stack]:
     http = httpx.Client(timeout=300)
     try:
         subprocess.run(_dpaat("migrate"), cwd=ROOT, env=env, check=True, capture_output=True)
+        # Authentication is on for the full stack: the benchmark's key, made the documented way.
+        made = subprocess.run(
+            _dpaat("keys", "create", "--owner", "bench", "--scopes", "read,submit"),
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        http.headers["X-API-Key"] = made.stdout.strip()
         for name, args in (
             ("api", ("serve", "--port", str(port), "--log-level", "warning")),
             ("worker", ("worker", "--concurrency", "1", "--log-level", "warning")),
@@ -263,7 +273,9 @@ def prediction(s: Stack, requests: int, steps: int, max_seconds: float) -> dict[
         "levels": [],
     }
     for clients in (1, 8, 32):
-        result["levels"].append(_load(url, image, params, clients, requests, max_seconds))
+        result["levels"].append(
+            _load(url, image, params, clients, requests, max_seconds, dict(s.http.headers))
+        )
     return result
 
 
@@ -289,7 +301,13 @@ def _overhead_parts(s: Stack, image: bytes, n: int = 30) -> dict[str, float]:
 
 
 def _load(
-    url: str, image: bytes, params: dict[str, Any], clients: int, requests: int, max_s: float
+    url: str,
+    image: bytes,
+    params: dict[str, Any],
+    clients: int,
+    requests: int,
+    max_s: float,
+    headers: dict[str, str],
 ) -> dict[str, Any]:
     """``requests`` predictions from ``clients`` threads (each its own connection), stopping
     early after ``max_s`` seconds; every failure is counted."""
@@ -299,7 +317,7 @@ def _load(
     per_client = -(-max(requests, clients) // clients)  # at least one request per client
 
     def client_loop(_: int) -> None:
-        with httpx.Client(timeout=300) as client:
+        with httpx.Client(timeout=300, headers={"X-API-Key": headers["x-api-key"]}) as client:
             for _ in range(per_client):
                 if time.monotonic() > deadline:
                     return

@@ -153,8 +153,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on one part of a dataset with the protocol of docs/dpaat.md.
 
-    Writes ``report.json``, ``report.md`` and ``robustness_curve.png`` into ``out_dir`` and returns
-    the report. ``data_root`` None evaluates on the generated dataset the checkpoint was trained on
+    Writes ``report.json``, ``report.md`` and ``robustness_curve.png`` (and, with ``gradcam``,
+    ``gradcam_montage.png``) into ``out_dir`` and returns the report. ``data_root`` None
+    evaluates on the generated dataset the checkpoint was trained on
     when it was trained without data (the demo); the split manifest defaults to the one recorded in
     the checkpoint's training config so that train and test never overlap. ``info`` describes
     an external safetensors model (see :func:`load_model`).
@@ -202,7 +203,16 @@ def evaluate(
         },
         progress=progress,
     )
-    write_report(report, out_dir)
+    figures: dict[str, str] = {}
+    if gradcam:
+        from models.evaluation.montage import MONTAGE_NAME, write_montage
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(out_dir) / f".{MONTAGE_NAME}.tmp.png"
+        if write_montage(loaded.model, dataset, list(attacks), list(eps_list), tmp, seed=seed):
+            tmp.replace(Path(out_dir) / MONTAGE_NAME)  # whole or absent, like the other files
+            figures["Grad-CAM, clean vs adversarial"] = MONTAGE_NAME
+    write_report(report, out_dir, figures)
     return report
 
 

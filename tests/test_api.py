@@ -97,6 +97,8 @@ def make_api(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Api]]:
             "data_roots": [data_root],
             "sse_poll_seconds": 0.02,
             "predict_steps": 2,
+            # Keys and scopes are tested in test_auth.py; here OTHER's header is another owner.
+            "auth": "off",
         }
         values.update(overrides)
         settings = Settings(**values)

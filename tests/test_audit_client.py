@@ -134,6 +134,8 @@ class Server:
     models: dict[str, str]
     dataset_id: str
     http: httpx.Client
+    weights: Path  # the trained model as safetensors, for --weights
+    info: Path  # its description, for --model-info
 
     def audits(self, model: str) -> list[dict[str, Any]]:
         r = self.http.get("/api/v1/audits", params={"model_id": self.models[model]})
@@ -208,6 +210,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "augment": False,
         }
         checkpoint = Path(train(config, tmp / "train").checkpoint)
+        weights, info = tmp / "model.safetensors", tmp / "model.json"
+        weights.write_bytes(safetensors_of(checkpoint))
+        desc = {"architecture": "small_cnn", "classes": CLASSES, "image_size": 32, "name": "ci"}
+        info.write_text(json.dumps(desc))
 
         def up() -> bool:
             assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
@@ -229,7 +235,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             )
             assert r.status_code == 201, r.text
             models[name] = r.json()["id"]
-        yield Server(url, models, _dataset_id(http), http)
+        yield Server(url, models, _dataset_id(http), http, weights, info)
     finally:
         http.close()
         proc.send_signal(signal.SIGTERM)
@@ -321,7 +327,9 @@ def test_loose_thresholds_pass_with_exit_0_and_three_files(
     assert len(suite.findall("testcase")) == 4
     md = (out / "audit.md").read_text()
     assert "Robustness audit passed" in md and "![Robustness curve](robustness_curve.png)" in md
-    assert (out / "robustness_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert "![Recall per class and eps](class_recall.png)" in md, "figures linked beside it"
+    for name in ("robustness_curve.png", "class_recall.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert f"| 2 | {doc['robust']['2']['accuracy']:.3f} |" in md, "the curve's numbers"
 
 
@@ -440,3 +448,52 @@ def test_usage_connection_and_key_errors_give_exit_4(server: Server, tmp_path: P
     result = run_client(audit_args(server, "derm-cnn", tmp_path, "accuracy@4>=0.4"))
     assert result.returncode == 4 and "not in eps_list" in result.stderr
     assert not (tmp_path / "audit.json").exists()
+
+
+def test_a_model_file_is_uploaded_audited_and_compared(
+    server: Server, loose: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """`--weights --model-info`: the CI step starts from a model file; then `dpaat compare`."""
+    out = tmp_path / "audit"
+    args = audit_args(server, "derm-cnn", out, *LOOSE, extra=("--attacks", "fgsm,pgd:3"))
+    at = args.index("--model")
+    upload = [*args[:at], "--weights", str(server.weights), "--model-info", str(server.info)]
+    upload += args[at + 2 :]
+    result = run_client(upload, CI_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported: []" in result.stderr and "uploaded model.safetensors" in result.stderr
+    doc = json.loads((out / "audit.json").read_text())
+    model_id = doc["audit"]["model_id"]
+    assert model_id not in server.models.values()
+    assert server.http.get(f"/api/v1/models/{model_id}").json()["name"] == "ci"
+    # The same CI step retried: the same audit, no second model.
+    models_before = server.http.get("/api/v1/models").json()["total"]
+    again = run_client(upload, CI_RUN)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "audit.json").read_text())["audit"]["id"] == doc["audit"]["id"]
+    assert server.http.get("/api/v1/models").json()["total"] == models_before
+
+    # Side by side with the registered model's audit: same weights, same numbers.
+    first = json.loads((loose[0] / "audit.json").read_text())["audit"]["id"]
+    cmp_out = tmp_path / "compare"
+    cmp = run_client(["compare", first, doc["audit"]["id"], "--server", server.url,
+                      "--out", str(cmp_out)])  # fmt: skip
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    assert "imported: []" in cmp.stderr
+    comparison = json.loads((cmp_out / "compare.json").read_text())
+    assert [i["label"] for i in comparison["items"]] == ["derm-cnn", "ci"]
+    a, b = comparison["items"]
+    assert a["robust"]["2"]["accuracy"] == b["robust"]["2"]["accuracy"], "same weights"
+    md = (cmp_out / "compare.md").read_text()
+    assert "![Robustness curves](compare_curve.png)" in md and "| metric | derm-cnn | ci |" in md
+    assert (cmp_out / "compare_curve.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # Usage errors: one id, an unknown id, --weights without --model-info, --model and --weights.
+    for bad, needle in (
+        (["compare", first, "--server", server.url], "2 to 8"),
+        (["compare", first, "0" * 32, "--server", server.url], "404"),
+        ([*upload[: upload.index("--model-info")], *upload[upload.index("--model-info") + 2 :]],
+         "--model-info"),
+        ([*upload, "--model", server.models["derm-cnn"]], "--model ID, or --weights"),
+    ):  # fmt: skip
+        r = run_client(bad)
+        assert r.returncode == 4 and needle in r.stderr, r.stderr[-2000:]

@@ -124,6 +124,7 @@ class Service:
     sent: list[str] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)
     dataset_id: str = ""
+    weights: bytes = b""  # the trained model's safetensors (unspoiled)
 
     def run_jobs(self) -> None:
         """Run every evaluation job sent so far, as the worker would."""
@@ -211,6 +212,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                 "augment": False,
             }
             result = train(config, tmp / "train")
+            svc.weights = safetensors_of(Path(result.checkpoint))
             description = {"architecture": "small_cnn", "classes": CLASSES, "image_size": 32}
             for name, spoil in (("derm-cnn", False), ("derm-cnn-v2", True)):
                 r = client.post(
@@ -322,7 +324,8 @@ def test_reports_in_markdown_junit_and_the_curve(service: Service, judged: dict[
     assert all(c.find("failure") is None for c in cases[:-1])
     md = service.client.get(f"{url}/report", params={"format": "md"}).text
     assert "Robustness audit FAILED" in md and "| map@2 <= 0 |" in md and "❌ FAIL" in md
-    assert f"({url}/curve.png)" in md
+    assert f"![Robustness curve]({url}/figures/robustness_curve.png)" in md
+    assert f"![Recall per class and eps]({url}/figures/class_recall.png)" in md
     png = service.client.get(f"{url}/curve.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
     width, height = Image.open(io.BytesIO(png.content)).size
@@ -430,6 +433,329 @@ def test_audits_are_private_to_their_owner(service: Service) -> None:
     assert service.audit(body_for(service, "derm-cnn", LOOSE), headers=OTHER).status_code == 404
     service.client.post(f"{API}/audits/{audit_id}/cancel")
     service.run_jobs()
+
+
+# ============================================================================ figures
+def png_size(content: bytes) -> tuple[int, int]:
+    """The size of a valid PNG (decoded whole: a truncated file fails here)."""
+    assert content.startswith(b"\x89PNG\r\n\x1a\n"), content[:16]
+    image = Image.open(io.BytesIO(content))
+    image.load()
+    assert image.format == "PNG"
+    width, height = image.size
+    return width, height
+
+
+def _figure(svc: Service, link: str) -> bytes:
+    r = svc.client.get(link)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    width, height = png_size(r.content)
+    assert 400 <= width <= 3000 and 250 <= height <= 3000, (link, width, height)
+    return r.content
+
+
+def test_the_figures_of_an_audit_show_its_reports_numbers(
+    service: Service, judged: dict[str, Any], tmp_path: Path
+) -> None:
+    from models import plots
+
+    url = f"{API}/audits/{judged['id']}"
+    # An uploaded model audited without Grad-CAM: no montage, no training history.
+    assert judged["figures"] == {
+        "robustness_curve": f"{url}/figures/robustness_curve.png",
+        "class_recall": f"{url}/figures/class_recall.png",
+    }
+    pngs = {name: _figure(service, link) for name, link in judged["figures"].items()}
+    assert _figure(service, f"{url}/figures/class_recall.png") == pngs["class_recall"], "kept"
+    assert _figure(service, f"{url}/curve.png") == pngs["robustness_curve"]
+    for missing in ("gradcam_montage", "dpaat_tau", "no_such_figure"):
+        r = service.client.get(f"{url}/figures/{missing}.png")
+        assert r.status_code == 404 and missing in r.json()["detail"]
+    assert service.client.get(f"{url}/figures/class_recall.png", headers=OTHER).status_code == 404
+    # What the figures draw is the report's numbers.
+    report = service.client.get(f"{url}/report").json()
+    recall = plots.plot_class_recall(report, tmp_path / "recall.png")
+    assert recall["classes"] == CLASSES and recall["columns"] == ["clean", "1", "2"]
+    for row, cls in zip(recall["recall"], CLASSES, strict=True):
+        sections = [report["clean"], report["robust"]["1"], report["robust"]["2"]]
+        assert row == [s["recall"][cls] for s in sections]
+    curve = plots.plot_curve(report, tmp_path / "curve.png", labels=["m"])["m"]
+    assert curve["eps"] == [0, 1, 2]
+    assert curve["accuracy"] == [report["robust"][e]["accuracy"] for e in ("0", "1", "2")]
+    # The model's own report links the same figures by their API URLs.
+    model_id = service.models["derm-cnn"]
+    md = service.client.get(f"{API}/models/{model_id}/report", params={"format": "md"}).text
+    base = f"{API}/models/{model_id}/figures"
+    assert f"({base}/robustness_curve.png)" in md and f"({base}/class_recall.png)" in md
+    assert "](robustness_curve.png)" not in md
+    _figure(service, f"{base}/class_recall.png")
+
+
+def test_plots_of_a_dpaat_training_run_and_of_a_montage(tmp_path: Path) -> None:
+    """The eps histogram and tau history draw the epoch records; the montage draws three rows
+    (images, clean, adversarial) with the lesion outline when there are masks."""
+    from models import plots
+    from models.data import synthetic_dataset
+    from models.evaluation.montage import write_montage
+    from models.nets import build_model
+
+    epochs = [
+        {"epoch": e, "tau": t, "broken_frac": b, "eps_mean": m,
+         "eps_hist": {"edges": [0, 4, 8], "counts": c}}
+        for e, t, b, m, c in [(1, None, 0.5, 1.0, [9, 1]), (2, 0.7, 0.3, 2.0, [5, 5]),
+                              (3, 0.6, 0.2, 3.5, [2, 8])]
+    ]  # fmt: skip
+    hist = plots.plot_eps_histogram(epochs, tmp_path / "hist.png")
+    assert hist["epochs"] == [1, 2, 3] and hist["edges"][0] == [0, 4, 8]
+    assert hist["shares"] == [[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]
+    tau = plots.plot_tau_history(epochs, tmp_path / "tau.png")
+    assert tau["epoch"] == [1, 2, 3] and tau["broken_frac"] == [0.5, 0.3, 0.2]
+    assert tau["tau"][1:] == [0.7, 0.6] and tau["tau"][0] != tau["tau"][0], "no tau yet: NaN"
+    with pytest.raises(ValueError, match="not a DPAAT run"):
+        plots.plot_eps_histogram([{"epoch": 1, "loss": 1.0}], tmp_path / "x.png")
+    for name in ("hist.png", "tau.png"):
+        assert png_size((tmp_path / name).read_bytes())[0] >= 400
+
+    ds = synthetic_dataset(n=24, size=32, num_classes=3, seed=0)
+    assert ds.masks is not None
+    model = build_model("small_cnn", 3).eval()
+    drawn = write_montage(
+        model, ds, [{"name": "fgsm"}, {"name": "pgd", "steps": 2}], [0, 2], tmp_path / "m.png",
+        n_images=4,
+    )  # fmt: skip
+    assert drawn is not None and (drawn["rows"], drawn["columns"]) == (3, 4)
+    assert drawn["outlines"] is True and drawn["eps"] == 2.0
+    assert len(set(ds.labels[drawn["images"]].tolist())) == 3, "one image per class first"
+    assert png_size((tmp_path / "m.png").read_bytes()) >= (400, 300)
+    assert write_montage(model, ds, [{"name": "fgsm"}], [0], tmp_path / "none.png") is None
+
+
+def test_a_dpaat_model_trained_here_has_its_training_figures(
+    service: Service, tmp_path: Path
+) -> None:
+    from app.db.tables import JobEpoch
+    from models import plots
+
+    r = service.client.post(
+        f"{API}/jobs/train",
+        json={
+            "dataset_id": service.dataset_id,
+            "name": "dpaat-here",
+            "config": {"method": "dpaat", "epochs": 2, "image_size": 32, "batch_size": 16,
+                       "pgd_steps": 2, "bisection_steps": 2},
+        },
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    service.sent.remove(job_id)
+    assert runner.run_train_job(job_id, "test-worker") == "succeeded"
+    model_id = service.client.get(f"{API}/jobs/{job_id}").json()["result"]["model_id"]
+    base = f"{API}/models/{model_id}/figures"
+    for name in ("dpaat_eps_hist", "dpaat_tau"):
+        _figure(service, f"{base}/{name}.png")
+    app = service.client.app
+    with app.state.sessionmaker() as s:  # type: ignore[attr-defined]
+        rows = s.query(JobEpoch).filter_by(job_id=job_id).order_by(JobEpoch.epoch).all()
+        records = [dict(row.metrics, epoch=row.epoch) for row in rows]
+    assert len(records) == 2 and all("eps_hist" in x for x in records)
+    last = records[-1]["eps_hist"]
+    drawn = plots.plot_eps_histogram(records, tmp_path / "h.png")
+    assert drawn["shares"][-1] == [c / sum(last["counts"]) for c in last["counts"]]
+    # An audit of that model lists them with the report's figures.
+    audit = finished_audit(service, {**body_for(service, "derm-cnn", LOOSE), "model_id": model_id})
+    assert {"dpaat_eps_hist", "dpaat_tau", "robustness_curve"} <= set(audit["figures"])
+    _figure(service, audit["figures"]["dpaat_tau"])
+
+
+def test_the_web_process_draws_figures_without_torch(tmp_path: Path) -> None:
+    """Routers and the figure service import no torch; drawing a report's figure needs none."""
+    import subprocess
+    import sys
+
+    report = _report(model={"classes": ["mel", "nv"]})
+    code = (
+        "import json, sys; import app.api.routes.audits, app.api.routes.compare, "
+        "app.api.routes.models, app.services.figures; from models import plots; "
+        f"plots.plot_class_recall(json.loads(sys.argv[1]), {str(tmp_path / 'r.png')!r}); "
+        f"plots.plot_curve(json.loads(sys.argv[1]), {str(tmp_path / 'c.png')!r}); "
+        "print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(report)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    assert png_size((tmp_path / "r.png").read_bytes())[0] >= 400
+
+
+# ============================================================================ upload in the request
+def upload_audit(
+    svc: Service,
+    weights: bytes,
+    spec: dict[str, Any],
+    description: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Any:
+    desc = description or {"architecture": "small_cnn", "classes": CLASSES, "image_size": 32}
+    return svc.client.post(
+        f"{API}/audits",
+        files={"weights": ("model.safetensors", weights, "application/octet-stream")},
+        data={"description": json.dumps(desc), "audit": json.dumps(spec)},
+        **kw,
+    )
+
+
+def spec_for(svc: Service, thresholds: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"dataset_id": svc.dataset_id, "gradcam": False, **THREAT, "thresholds": thresholds,
+            **extra}  # fmt: skip
+
+
+def _stored(svc: Service) -> tuple[int, int]:
+    """(models of this key, files in the artifact store's blobs)."""
+    models = svc.client.get(f"{API}/models").json()["total"]
+    blobs = Path(svc.settings.artifact_dir) / "blobs"
+    return models, sum(1 for p in blobs.rglob("*") if p.is_file())
+
+
+def test_a_model_uploaded_in_the_audit_request_is_registered_and_audited(
+    service: Service,
+) -> None:
+    before = _stored(service)
+    desc = {"architecture": "small_cnn", "classes": CLASSES, "image_size": 32, "name": "in-audit"}
+    spec = spec_for(service, LOOSE, gradcam=True)
+    key = {"Idempotency-Key": "upload-1"}
+    r = upload_audit(service, service.weights, spec, desc, headers=key)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    model = service.client.get(f"{API}/models/{created['model_id']}").json()
+    assert model["name"] == "in-audit" and model["source"] == "uploaded"
+    assert model["classes"] == CLASSES and model["info"]["parameters"] > 0
+    assert (
+        service.client.get(f"{API}/models/{created['model_id']}", headers=OTHER).status_code == 404
+    )
+    assert _stored(service) == (before[0] + 1, before[1] + 1)
+    # A retry of the same request (same key, same file) is the same audit and no second model.
+    again = upload_audit(service, service.weights, spec, desc, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == created["id"]
+    spoiled = bytearray(service.weights)
+    spoiled[-4:] = b"\x00\x00\x80\x7f"  # another file under the same key
+    other = upload_audit(service, bytes(spoiled), spec, desc, headers=key)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    assert _stored(service) == (before[0] + 1, before[1] + 1), "nothing kept from the replays"
+    assert service.sent == [created["job_id"]]
+    service.run_jobs()
+    audit = service.get(created["id"])
+    assert audit["passed"] is True and audit["model_id"] == created["model_id"]
+    assert list(audit["figures"]) == ["robustness_curve", "class_recall", "gradcam_montage"]
+    _figure(service, audit["figures"]["gradcam_montage"])
+    md = service.client.get(f"{API}/audits/{audit['id']}/report", params={"format": "md"}).text
+    assert f"![Grad-CAM, clean vs adversarial]({audit['figures']['gradcam_montage']})" in md
+
+
+def test_bad_uploads_in_the_audit_request_store_nothing(service: Service) -> None:
+    before = _stored(service)
+    weights = service.weights
+    spec = spec_for(service, LOOSE)
+    desc = {"architecture": "small_cnn", "classes": CLASSES, "image_size": 32}
+    cases: list[tuple[Any, int, str]] = [
+        (upload_audit(service, b"PK\x03\x04 not safetensors", spec), 415, "safetensors"),
+        (upload_audit(service, weights[:-64], spec), 422, "truncated"),
+        (upload_audit(service, weights, spec, {**desc, "classes": [*CLASSES, "df"]}), 422,
+         "class count"),
+        (upload_audit(service, weights, spec, {**desc, "architecture": "vgg"}), 422,
+         "architecture"),
+        (upload_audit(service, weights, {**spec, "dataset_id": None}), 422, "dataset_id"),
+        (upload_audit(service, weights, {**spec, "dataset_id": "0" * 32}), 404, "not found"),
+        (upload_audit(service, weights, {**spec, "model_id": "x"}), 422, "model_id"),
+        (upload_audit(service, weights, spec_for(service, [_rule("recall.df", 0.5)])), 422,
+         "no such class"),
+        (upload_audit(service, weights, {**spec, "eps_list": [0, 1]}), 422, "not in eps_list"),
+        (upload_audit(service, weights, spec, {**desc, "classes": ["nv", "mel", "bcc"]}), 422,
+         "differ"),
+        (upload_audit(service, weights, spec_for(service, LOOSE, baseline={
+            "model_name": "never-audited"})), 422, "no passing audit"),
+        (service.client.post(f"{API}/audits", files={"weights": ("w", weights)},
+                             data={"description": "{not json", "audit": json.dumps(spec)}), 422,
+         "description"),
+        (service.client.post(f"{API}/audits", files={"description": ("d.json", json.dumps(desc))},
+                             data={"audit": json.dumps(spec)}), 422, "weights"),
+        (service.client.post(f"{API}/audits", content=b"model_id=x",
+                             headers={"content-type": "text/plain"}), 415, "multipart"),
+    ]  # fmt: skip
+    for r, status, message in cases:
+        assert r.status_code == status, r.text
+        assert message in json.dumps(r.json()["detail"]), r.text
+    assert _stored(service) == before and service.sent == []
+
+
+# ============================================================================ comparison
+@pytest.fixture(scope="module")
+def worse(service: Service) -> dict[str, Any]:
+    """A finished audit of the spoiled model (constant predictions)."""
+    return finished_audit(service, body_for(service, "derm-cnn-v2", LOOSE))
+
+
+def test_compare_audits_side_by_side(
+    service: Service, judged: dict[str, Any], worse: dict[str, Any], tmp_path: Path
+) -> None:
+    from models import plots
+
+    query = f"audit={judged['id']}&audit={worse['id']}"
+    r = service.client.get(f"{API}/compare?{query}")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert [i["label"] for i in doc["items"]] == ["derm-cnn", "derm-cnn-v2"]
+    assert [i["passed"] for i in doc["items"]] == [False, False]  # judged has a failing rule
+    assert doc["eps"] == [0, 1, 2] and doc["comparable"] is True and doc["notes"] == []
+    assert doc["curve_url"] == f"{API}/compare/curve.png?{query}"
+    reports = [service.client.get(f"{API}/audits/{a['id']}/report").json() for a in (judged, worse)]
+    for item, report in zip(doc["items"], reports, strict=True):
+        assert item["clean"]["balanced_accuracy"] == report["clean"]["balanced_accuracy"]
+        assert item["robust"]["2"]["accuracy"] == report["robust"]["2"]["accuracy"]
+        assert item["curve_auc"] == report["curve_auc"]
+    assert doc["items"][1]["clean"]["balanced_accuracy"] == pytest.approx(1 / 3)
+    md = service.client.get(f"{API}/compare?{query}&format=md").text
+    a2 = [f"{x['robust']['2']['accuracy']:.3f}" for x in doc["items"]]
+    assert (
+        "| metric | derm-cnn | derm-cnn-v2 |" in md
+        and f"| accuracy @ 2/255 | {a2[0]} | {a2[1]} |" in md
+    )
+    assert f"![Robustness curves]({doc['curve_url']})" in md
+    _figure(service, doc["curve_url"])
+    drawn = plots.plot_curve(reports, tmp_path / "c.png", labels=["a", "b"])
+    for label, item in zip("ab", doc["items"], strict=True):
+        assert drawn[label]["accuracy"][-1] == item["robust"]["2"]["accuracy"]
+    # Models' latest reports, and the same model twice (labels stay distinct).
+    models = service.models
+    by_model = service.client.get(
+        f"{API}/compare", params=[("model", models["derm-cnn"]), ("model", models["derm-cnn-v2"])]
+    ).json()
+    assert [i["audit_id"] for i in by_model["items"]] == [None, None]
+    twice = service.client.get(
+        f"{API}/compare", params=[("audit", judged["id"]), ("model", models["derm-cnn"])]
+    ).json()
+    assert len({i["label"] for i in twice["items"]}) == 2
+
+
+def test_compare_refuses_what_it_cannot_compare(
+    service: Service, judged: dict[str, Any], worse: dict[str, Any]
+) -> None:
+    one = service.client.get(f"{API}/compare", params={"audit": judged["id"]})
+    assert one.status_code == 422 and "2 to 8" in one.json()["detail"]
+    pending = service.audit(body_for(service, "derm-cnn", LOOSE)).json()["id"]
+    r = service.client.get(f"{API}/compare", params=[("audit", judged["id"]), ("audit", pending)])
+    assert r.status_code == 409 and "not finished" in r.json()["detail"]
+    service.client.post(f"{API}/audits/{pending}/cancel")
+    service.run_jobs()
+    theirs = service.client.get(
+        f"{API}/compare", params=[("audit", judged["id"]), ("audit", worse["id"])], headers=OTHER
+    )
+    assert theirs.status_code == 404
+    r = service.client.get(f"{API}/compare/curve.png", params=[("audit", judged["id"])])
+    assert r.status_code == 422
 
 
 # ============================================================================ both databases

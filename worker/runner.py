@@ -30,7 +30,13 @@ if TYPE_CHECKING:  # worker.hooks imports models (torch): only inside a task, ne
 log = logging.getLogger(__name__)
 
 # Config keys that name server files: only the server sets them, from the job's dataset/model.
-REPORT_FILES = ("report.json", "report.md", "robustness_curve.png", "report.xml")
+REPORT_FILES = (
+    "report.json",
+    "report.md",
+    "robustness_curve.png",
+    "report.xml",
+    "gradcam_montage.png",
+)
 
 
 def worker_id(task_id: str | None = None) -> str:

@@ -26,9 +26,12 @@ def _init_child(**_: Any) -> None:
     """A forked child drops the parent's database connections, and starts importing torch in the
     background so that its first job does not wait seconds for it (the parent never imports it;
     importing inline here could exceed the pool's start-up timeout on a busy machine)."""
+    from app.core.settings import get_settings
     from app.db.session import dispose_engines
+    from app.services.images import enforce_pixel_limit
 
     dispose_engines()
+    enforce_pixel_limit(get_settings().max_image_pixels)  # also for registered directories
     threading.Thread(
         target=importlib.import_module, args=("models.api",), name="preload-torch", daemon=True
     ).start()

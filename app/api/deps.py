@@ -6,19 +6,20 @@ settings, database and dispatcher never touches the process-wide defaults.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.api.auth import presented_key, principal_of, unauthenticated_principal
 from app.core.settings import Settings
+from app.services.api_keys import Principal
+from app.services.errors import Forbidden, Unauthenticated
 from app.services.predictor import Predictor
 from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
-
-LOCAL_OWNER = "local"
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -47,17 +48,41 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
-def current_owner(
-    x_api_key: Annotated[
-        str | None,
-        Header(description="API key; rows are owned by a hash of it (no key: the 'local' owner)."),
-    ] = None,
-) -> str:
-    """Who is asking. Until authentication lands (a later issue replaces only this function),
-    the owner is the sha256 of the X-API-Key header, or "local" without one."""
-    if not x_api_key:
-        return LOCAL_OWNER
-    return hashlib.sha256(x_api_key.encode()).hexdigest()
+# Declared for the OpenAPI document (security schemes); the key itself is checked by
+# ``app.api.auth.AuthMiddleware`` before the body is read.
+_api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="An API key `dpk_<key_id>_<secret>` (`dpaat keys create`).",
+)
+_bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
+
+
+def current_principal(
+    request: Request,
+    _key: Annotated[str | None, Security(_api_key_header)] = None,
+    _bearer_token: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> Principal:
+    """Who is asking, as resolved by the auth middleware. Fails closed: with authentication on,
+    a request the middleware did not authenticate is refused."""
+    principal = principal_of(request.scope)
+    if principal is not None:
+        return principal
+    settings: Settings = request.app.state.settings
+    if settings.auth_enabled:
+        raise Unauthenticated("an API key is required")
+    return unauthenticated_principal(presented_key(dict(request.headers)))
+
+
+def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> None:
+    """Defence in depth for the key routes (the middleware already demands ``admin``)."""
+    if "admin" not in principal.scopes:
+        raise Forbidden("this API key lacks the 'admin' scope")
+
+
+def current_owner(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+    """The owner of the rows a request may see and create."""
+    return principal.owner
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
@@ -66,3 +91,4 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 OwnerDep = Annotated[str, Depends(current_owner)]
+PrincipalDep = Annotated[Principal, Depends(current_principal)]

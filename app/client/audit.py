@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -34,7 +35,6 @@ from app.client.thresholds import parse_threshold
 EXIT_PASSED, EXIT_FAILED, EXIT_JOB, EXIT_TIMEOUT, EXIT_USAGE = 0, 1, 2, 3, 4
 API = "/api/v1"
 FINAL = ("succeeded", "failed", "cancelled")
-PLOT = "robustness_curve.png"
 _SUBMIT_TRIES = 4  # transient failures (connection, 5xx) on submit; the key makes retries safe
 
 console = Console(stderr=True)
@@ -104,7 +104,7 @@ def parse_eps(text: str) -> list[float]:
 
 def build_request(
     *,
-    model: str,
+    model: str | None,
     dataset: str | None,
     eps: str,
     attacks: str,
@@ -126,7 +126,6 @@ def build_request(
     except ValueError as e:
         raise UsageError(str(e)) from None
     body: dict[str, Any] = {
-        "model_id": model,
         "dataset_id": dataset,
         "part": part,
         "limit": limit,
@@ -135,6 +134,8 @@ def build_request(
         "gradcam": gradcam,
         "thresholds": rules,
     }
+    if model is not None:
+        body = {"model_id": model, **body}
     if baseline_audit or baseline_model:
         body["baseline"] = {
             "audit_id": baseline_audit,
@@ -142,6 +143,35 @@ def build_request(
             "max_drop": max_drop,
         }
     return body
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A model file audited in the same request: safetensors weights and their description."""
+
+    weights: Path
+    description: dict[str, Any]
+    sha256: str
+
+
+def read_upload(weights: Path, model_info: Path) -> Upload:
+    """Check the two files exist and the description is a JSON object (the server checks the
+    rest: format, architecture, tensor shapes, classes)."""
+    if not weights.is_file():
+        raise UsageError(f"--weights {weights}: no such file")
+    try:
+        description = json.loads(model_info.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--model-info {model_info}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"--model-info {model_info} is not JSON: {e}") from None
+    if not isinstance(description, dict):
+        raise UsageError(f"--model-info {model_info} must hold a JSON object")
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return Upload(weights, description, digest.hexdigest())
 
 
 def ci_idempotency_key(body: dict[str, Any], env: dict[str, str] | None = None) -> str:
@@ -173,14 +203,33 @@ def _detail(r: httpx.Response) -> str:
     return str(detail) if detail is not None else r.text[:300]
 
 
-def submit(client: httpx.Client, body: dict[str, Any], key: str) -> dict[str, Any]:
-    """POST the audit, retrying transient failures with the same Idempotency-Key."""
+def _post_audit(
+    client: httpx.Client, body: dict[str, Any], key: str, upload: Upload | None
+) -> httpx.Response:
+    headers = {"Idempotency-Key": key}
+    if upload is None:
+        return client.post(f"{API}/audits", json=body, headers=headers)
+    with upload.weights.open("rb") as f:  # reopened on every retry
+        return client.post(
+            f"{API}/audits",
+            files={"weights": (upload.weights.name, f, "application/octet-stream")},
+            data={"description": json.dumps(upload.description), "audit": json.dumps(body)},
+            headers=headers,
+            timeout=httpx.Timeout(30.0, write=600.0, read=120.0),
+        )
+
+
+def submit(
+    client: httpx.Client, body: dict[str, Any], key: str, upload: Upload | None = None
+) -> dict[str, Any]:
+    """POST the audit (with the model file when ``upload``), retrying transient failures with
+    the same Idempotency-Key."""
     last = ""
     for attempt in range(_SUBMIT_TRIES):
         if attempt:
             time.sleep(min(2.0 ** (attempt - 1), 4.0))
         try:
-            r = client.post(f"{API}/audits", json=body, headers={"Idempotency-Key": key})
+            r = _post_audit(client, body, key, upload)
         except httpx.TransportError as e:
             last = f"cannot reach {client.base_url}: {e}"
             continue
@@ -253,22 +302,41 @@ def wait(
 
 
 # ---------------------------------------------------------------------------- files
+def download_figures(
+    client: httpx.Client, links: dict[str, str], out: Path, prefix: str = ""
+) -> dict[str, str]:
+    """Save each figure (name -> API URL) as ``out/<prefix><name>.png``; returns name -> local
+    file name for the Markdown, for the figures that came back as PNGs (a missing figure leaves
+    its picture out, never the report)."""
+    saved: dict[str, str] = {}
+    for name, url in links.items():
+        if not name.replace("_", "").isalnum():
+            continue  # a name we would not write as a file name
+        try:
+            r = client.get(url)
+        except httpx.TransportError:
+            continue
+        if r.status_code == 200 and r.content.startswith(b"\x89PNG"):
+            local = f"{prefix}{name}.png"
+            (out / local).write_bytes(r.content)
+            saved[name] = local
+    return saved
+
+
 def write_outputs(client: httpx.Client, audit: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Fetch the finished audit's report and write audit.json, audit.xml, audit.md (and the
-    robustness curve PNG the Markdown shows)."""
+    """Fetch the finished audit's report and write audit.json, audit.xml, audit.md and the
+    figures the Markdown shows (``<name>.png`` beside it, linked by relative path, so the
+    folder renders offline and as a CI artifact)."""
     doc: dict[str, Any] = _get(client, f"{API}/audits/{audit['id']}/report").json()
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     (out / "audit.xml").write_text(render.junit_xml(doc), encoding="utf-8")
-    plot: str | None = None
-    try:
-        r = client.get(f"{API}/audits/{audit['id']}/curve.png")
-        if r.status_code == 200 and r.content.startswith(b"\x89PNG"):
-            (out / PLOT).write_bytes(r.content)
-            plot = PLOT
-    except httpx.TransportError:
-        pass  # the summary still has the curve's numbers
-    (out / "audit.md").write_text(render.markdown(doc, plot), encoding="utf-8")
+    links = dict(audit.get("figures") or {})
+    links.setdefault("robustness_curve", f"{API}/audits/{audit['id']}/curve.png")
+    saved = download_figures(client, links, out)
+    (out / "audit.md").write_text(
+        render.markdown(doc, saved.get("robustness_curve"), saved), encoding="utf-8"
+    )
     return doc
 
 
@@ -331,11 +399,14 @@ def run(
     timeout: float,
     poll: float,
     out: Path,
+    upload: Upload | None = None,
 ) -> int:
     """Submit, wait, write the files; returns the exit code."""
     headers = {"X-API-Key": key} if key else {}
     with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=30.0) as client:
-        audit = submit(client, body, idempotency_key)
+        audit = submit(client, body, idempotency_key, upload)
+        if upload is not None:
+            console.print(f"uploaded {upload.weights.name} as model {audit['model_id']}")
         console.print(f"audit {audit['id']} ({audit['status']}) on {server}")
         if no_wait:
             typer.echo(audit["id"])
@@ -366,7 +437,21 @@ def run(
 
 
 def audit_cmd(
-    model: str = typer.Option(..., "--model", help="Registered model id."),
+    model: str | None = typer.Option(
+        None, "--model", help="Registered model id (or --weights and --model-info)."
+    ),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="A model file to audit (safetensors), uploaded in the audit request; needs "
+        "--model-info and --dataset. The server registers it as your model.",
+    ),
+    model_info: Path | None = typer.Option(
+        None,
+        "--model-info",
+        help='The JSON description of --weights, as for POST /api/v1/models: {"architecture": '
+        '"small_cnn", "classes": [...], "image_size": 64, "name": "..."}.',
+    ),
     threshold: list[str] = typer.Option(
         ...,
         "--threshold",
@@ -401,6 +486,11 @@ def audit_cmd(
     out, 4 usage, authentication or connection error.
     """
     try:
+        if (model is None) == (weights is None):
+            raise UsageError("give --model ID, or --weights FILE with --model-info FILE")
+        if (weights is None) != (model_info is None):
+            raise UsageError("--weights and --model-info go together")
+        upload = read_upload(weights, model_info) if weights and model_info else None
         body = build_request(
             model=model,
             dataset=dataset,
@@ -415,15 +505,18 @@ def audit_cmd(
             gradcam=gradcam,
         )
         _sigterm_as_interrupt()
+        # the file's hash is part of the key: another model file in the same CI step is a new audit
+        keyed = body if upload is None else {**body, "weights_sha256": upload.sha256}
         code = run(
             server=server,
             key=key,
             body=body,
-            idempotency_key=idempotency_key or ci_idempotency_key(body),
+            idempotency_key=idempotency_key or ci_idempotency_key(keyed),
             no_wait=no_wait,
             timeout=timeout,
             poll=poll,
             out=out,
+            upload=upload,
         )
     except UsageError as e:
         console.print(f"[red]error:[/] {e}")

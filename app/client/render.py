@@ -11,6 +11,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SUITE = "dpaat-audit"
+# The figures of a report (PNG name without ".png" -> caption), in the order reports show them.
+FIGURES: dict[str, str] = {
+    "robustness_curve": "Robustness curve",
+    "class_recall": "Recall per class and eps",
+    "gradcam_montage": "Grad-CAM, clean vs adversarial",
+    "dpaat_eps_hist": "DPAAT per-sample eps during training",
+    "dpaat_tau": "DPAAT tau history during training",
+}
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -112,9 +120,12 @@ def _mark(passed: Any) -> str:
     return "✅ pass" if passed else "❌ FAIL"
 
 
-def markdown(doc: Mapping[str, Any], plot: str | None = None) -> str:
+def markdown(
+    doc: Mapping[str, Any], plot: str | None = None, figures: Mapping[str, str] | None = None
+) -> str:
     """A pull-request comment: the outcome, every threshold and regression rule with its observed
-    and required value, and the robustness curve's numbers (``plot``: the curve image's link)."""
+    and required value, and the robustness curve's numbers (``plot``: the curve image's link;
+    ``figures``: figure name -> link of the other figures, shown at the end)."""
     audit = doc.get("audit") or {}
     model, data = doc.get("model") or {}, doc.get("dataset") or {}
     passed = bool(audit.get("passed"))
@@ -191,7 +202,57 @@ def markdown(doc: Mapping[str, Any], plot: str | None = None) -> str:
             ["check", "status", "detail"],
             [[c.get("name"), str(c.get("status")).upper(), c.get("detail")] for c in failing],
         )
+    others = {k: v for k, v in (figures or {}).items() if k != "robustness_curve"}
+    if others:
+        lines += ["", "### Figures"]
+        for name, link in others.items():
+            lines += ["", f"![{FIGURES.get(name, name)}]({link})"]
     threat = doc.get("threat_model") or {}
     attacks = ", ".join(str(a.get("label", a.get("name"))) for a in threat.get("attacks", []))
     lines += ["", f"<sub>Threat model: L-inf, attacks {attacks}; eps in 1/255 units.</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(doc: Mapping[str, Any], curve: str | None = None) -> str:
+    """Reports side by side (a ``Comparison`` JSON): one column per report, one row per metric
+    (clean, then each eps), and the combined robustness curve (``curve``: its link)."""
+    items = list(doc.get("items") or [])
+    header = ["metric", *[str(i.get("label")) for i in items]]
+
+    def outcome(i: Mapping[str, Any]) -> str:
+        return "–" if i.get("passed") is None else _mark(i.get("passed"))
+
+    rows: list[list[Any]] = [
+        ["audit", *[f"`{i['audit_id'][:8]}`" if i.get("audit_id") else "–" for i in items]],
+        ["outcome", *[outcome(i) for i in items]],
+        ["validity checks", *[str(i.get("verdict")).upper() for i in items]],
+        ["curve area", *[_num(i.get("curve_auc")) for i in items]],
+        ["clean accuracy", *[_num((i.get("clean") or {}).get("accuracy")) for i in items]],
+        ["clean balanced accuracy",
+         *[_num((i.get("clean") or {}).get("balanced_accuracy")) for i in items]],
+    ]  # fmt: skip
+    mel = all("mel" in ((i.get("clean") or {}).get("recall") or {}) for i in items)
+    for eps in doc.get("eps") or []:
+        if float(eps) == 0:
+            continue
+        key = f"{float(eps):g}"
+        robust = [(i.get("robust") or {}).get(key) or {} for i in items]
+        rows.append([f"accuracy @ {key}/255", *[_num(r.get("accuracy")) for r in robust]])
+        rows.append(
+            [f"balanced accuracy @ {key}/255", *[_num(r.get("balanced_accuracy")) for r in robust]]
+        )
+        if mel:
+            rows.append(
+                [
+                    f"mel recall @ {key}/255",
+                    *[_num((r.get("recall") or {}).get("mel")) for r in robust],
+                ]
+            )
+    lines = [f"## Robustness comparison of {len(items)} reports", "", *_table(header, rows)]
+    notes = list(doc.get("notes") or [])
+    if notes:
+        lines += ["", "**Not comparable number for number:**", "", *[f"- {n}" for n in notes]]
+    if curve:
+        lines += ["", f"![Robustness curves]({curve})"]
+    lines += ["", "<sub>Worst case over each report's attacks; eps in 1/255 units.</sub>"]
     return "\n".join(lines) + "\n"

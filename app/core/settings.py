@@ -53,12 +53,25 @@ class Settings(BaseSettings):
     # Server directories an admin allows clients to register as datasets (nothing outside them).
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=default_data_roots)
     auto_migrate: bool = False  # apply Alembic migrations when the API starts
+    # API keys: "auto" = on for the full stack (a non-SQLite database or a broker), off for the
+    # embedded default. `dpaat serve`/`dpaat worker` refuse to run the full stack with auth off.
+    auth: Literal["auto", "on", "off"] = "auto"
+
+    # Per-owner quotas (0 = no limit): jobs queued, running or cancelling at once (429 beyond),
+    # and megabytes of dataset archives + model weights uploaded in a rolling window.
+    max_active_jobs: int = Field(default=16, ge=0)
+    upload_quota_mb: int = Field(default=4096, ge=0)
+    upload_quota_window_seconds: int = Field(default=3600, gt=0)
 
     # Upload limits (checked before the whole body is read).
     max_upload_mb: int = Field(default=512, gt=0)  # a dataset archive or a model's weights
     max_image_mb: int = Field(default=10, gt=0)  # one image for prediction
     max_batch_images: int = Field(default=16, gt=0)
-    max_image_pixels: int = Field(default=25_000_000, gt=0)  # decompression-bomb limit
+    # Decompression-bomb limit, a hard error everywhere an image is decoded. Dermoscopy images
+    # are at most ~24 Mpx (6000x4000, a camera-mounted dermatoscope; HAM10000 is 600x450): 25 Mpx
+    # admits them and bounds one decoded RGB image to ~75 MB (Pillow's own default is 89 Mpx,
+    # and only a warning below 179 Mpx).
+    max_image_pixels: int = Field(default=25_000_000, gt=0)
     max_archive_entries: int = Field(default=50_000, gt=0)
     max_archive_extracted_mb: int = Field(default=4096, gt=0)
 
@@ -74,6 +87,7 @@ class Settings(BaseSettings):
 
     # Prediction and streaming.
     predictor_cache_size: int = Field(default=4, gt=0)  # loaded models kept in memory
+    predict_concurrency: int = Field(default=2, gt=0)  # predictions computed at once (~cores)
     predict_cap: float = Field(default=16.0, gt=0, le=64)  # eps_star search cap, 1/255 units
     predict_steps: int = Field(default=10, gt=0, le=100)
     sse_poll_seconds: float = Field(default=1.0, ge=0.01)  # DB poll rate of the progress stream
@@ -105,6 +119,16 @@ class Settings(BaseSettings):
         if self.environment == "production" and not self.artifact_dir.is_absolute():
             raise ValueError("DPAAT_ARTIFACT_DIR must be an absolute path in production")
         return self
+
+    @property
+    def full_stack(self) -> bool:
+        """A shared deployment: a database server (not SQLite) or a broker."""
+        return not self.database_url.startswith("sqlite") or not self.embedded
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must carry an API key (``auth`` resolved for this deployment)."""
+        return self.auth == "on" or (self.auth == "auto" and self.full_stack)
 
     @property
     def embedded(self) -> bool:

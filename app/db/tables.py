@@ -288,3 +288,34 @@ class Audit(Base):
             _in_list("outcome", ["pending", "passed", "failed", "error"]), name="outcome"
         ),
     )
+
+
+class ApiKey(Base):
+    """An API key: the client holds ``dpk_<key_id>_<secret>``; only the secret's sha256 is kept.
+
+    Revoked keys stay (``revoked_at`` set) so ``dpaat keys list`` shows who had access when.
+    """
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class UploadUsage(Base):
+    """Bytes an owner uploaded (dataset archives, model weights), one row per stored upload: the
+    ledger of the rolling upload quota. Rows older than the window are deleted as new ones come."""
+
+    __tablename__ = "upload_usage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_upload_usage_owner_created_at", "owner", "created_at"),)

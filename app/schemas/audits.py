@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from app.schemas.common import ORMModel
 from app.schemas.jobs import EPS_LIMIT, AttackSpec, Status, _default_attacks
@@ -83,33 +83,34 @@ class Baseline(BaseModel):
         return self
 
 
-class AuditRequest(BaseModel):
-    """Audit a registered model: evaluate it (attacks x eps) and check thresholds."""
+_EXAMPLE_THRESHOLDS: list[JsonValue] = [
+    {"metric": "balanced_accuracy", "op": ">=", "value": 0.6},
+    {"metric": "accuracy", "eps": 2, "op": ">=", "value": 0.4},
+    {"metric": "recall.mel", "eps": 1, "op": ">=", "value": 0.5},
+    {"metric": "verdict", "op": "!=", "value": "fail"},
+]
+
+
+class AuditSpec(BaseModel):
+    """What to audit a model on: the dataset, the threat model and the thresholds. With an
+    uploaded model (multipart ``POST /api/v1/audits``) this is the ``audit`` form field."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [
                 {
-                    "model_id": "0d6c2b0e5a9f4c1e8b7a6d5c4b3a2910",
                     "dataset_id": "8c0f6f0e2b5c4f0e9d7a1b2c3d4e5f60",
                     "eps_list": [0, 1, 2],
-                    "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 20}],
-                    "thresholds": [
-                        {"metric": "balanced_accuracy", "op": ">=", "value": 0.6},
-                        {"metric": "accuracy", "eps": 2, "op": ">=", "value": 0.4},
-                        {"metric": "recall.mel", "eps": 1, "op": ">=", "value": 0.5},
-                        {"metric": "verdict", "op": "!=", "value": "fail"},
-                    ],
-                    "baseline": {"model_name": "production", "max_drop": 0.02},
+                    "thresholds": _EXAMPLE_THRESHOLDS,
                 }
             ]
         },
     )
 
-    model_id: str
     dataset_id: str | None = Field(
-        default=None, description="null: the dataset the model was trained on."
+        default=None,
+        description="null: the dataset the model was trained on (required for an uploaded model).",
     )
     part: Literal["train", "val", "test"] = "test"
     limit: int | None = Field(default=None, ge=1, description="Cap on images, class-stratified.")
@@ -123,7 +124,7 @@ class AuditRequest(BaseModel):
     baseline: Baseline | None = None
 
     @model_validator(mode="after")
-    def _thresholds_within_threat_model(self) -> AuditRequest:
+    def _thresholds_within_threat_model(self) -> AuditSpec:
         bad = [e for e in self.eps_list if not 0 <= e <= EPS_LIMIT]
         if bad:
             raise ValueError(f"eps must be in [0, {EPS_LIMIT:g}] (1/255 units), got {bad}")
@@ -135,9 +136,34 @@ class AuditRequest(BaseModel):
                 )
         return self
 
-    def evaluation_params(self) -> dict[str, Any]:
+    def evaluation_params(self, model_id: str | None = None) -> dict[str, Any]:
         """The ``EvaluateJobRequest`` JSON of the audit's evaluation job."""
-        return self.model_dump(mode="json", exclude={"thresholds", "baseline"})
+        params = self.model_dump(mode="json", exclude={"thresholds", "baseline"})
+        if model_id is not None:
+            params["model_id"] = model_id
+        return params
+
+
+class AuditRequest(AuditSpec):
+    """Audit a registered model: evaluate it (attacks x eps) and check thresholds."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "0d6c2b0e5a9f4c1e8b7a6d5c4b3a2910",
+                    "dataset_id": "8c0f6f0e2b5c4f0e9d7a1b2c3d4e5f60",
+                    "eps_list": [0, 1, 2],
+                    "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 20}],
+                    "thresholds": _EXAMPLE_THRESHOLDS,
+                    "baseline": {"model_name": "production", "max_drop": 0.02},
+                }
+            ]
+        },
+    )
+
+    model_id: str = Field(max_length=64)
 
 
 class ThresholdResult(BaseModel):
@@ -191,3 +217,33 @@ class AuditDetail(AuditOut):
     report_url: str | None = Field(
         default=None, description="Where the full report is (JSON, ?format=md or ?format=junit)."
     )
+    figures: dict[str, str] = Field(
+        default_factory=dict,
+        description="Once finished: figure name -> PNG URL (robustness_curve, class_recall, "
+        "gradcam_montage, dpaat_eps_hist, dpaat_tau; those that exist for this model).",
+    )
+
+
+class CompareItem(BaseModel):
+    """One column of a comparison: an audit's (or a model's latest) report in numbers."""
+
+    label: str
+    audit_id: str | None
+    model_id: str
+    model_name: str
+    evaluation_id: str
+    passed: bool | None = Field(description="The audit's outcome; null for a model's report.")
+    verdict: str | None
+    curve_auc: float | None
+    clean: dict[str, Any]
+    robust: dict[str, dict[str, Any]] = Field(description="eps -> worst-case metrics")
+
+
+class Comparison(BaseModel):
+    """Two or more reports side by side (same eps columns where they overlap)."""
+
+    items: list[CompareItem]
+    eps: list[float] = Field(description="Every eps of any report, sorted.")
+    comparable: bool = Field(description="Same split and the same attacks in every report.")
+    notes: list[str] = Field(default_factory=list)
+    curve_url: str

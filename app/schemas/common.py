@@ -35,11 +35,14 @@ class ORMModel(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the error codes a route can answer."""
     text = {
+        401: "No valid API key (missing, unknown or revoked)",
+        403: "The API key lacks the scope this request needs",
         404: "Not found (or owned by another API key)",
         409: "Conflicts with the current state",
         413: "Too large",
         415: "Unsupported media type",
         422: "Invalid input",
+        429: "A per-owner quota is used up (see the Retry-After header)",
         503: "A dependency is unavailable",
     }
     return {c: {"model": ErrorOut, "description": text.get(c, "Error")} for c in codes}

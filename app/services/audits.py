@@ -13,15 +13,16 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.tables import Audit, Evaluation, Job, JobStatus, Model, utcnow
+from app.db.tables import Artifact, Audit, Evaluation, Job, JobStatus, Model, utcnow
 from app.services import jobs, models_registry, submissions
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
 
 # Observed values are means over a test set: a float error must not fail "0.4 >= 0.4".
@@ -201,6 +202,18 @@ def _replay(audit: Audit, body: dict[str, Any]) -> Audit:
     return audit
 
 
+def _check_recall_classes(thresholds: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> None:
+    unknown = [
+        t["metric"]
+        for t in thresholds
+        if t["metric"].startswith("recall.") and t["metric"].removeprefix("recall.") not in classes
+    ]
+    if unknown:
+        raise Invalid(
+            f"{', '.join(unknown)}: no such class; the model's classes are {list(classes)}"
+        )
+
+
 def create_audit(
     session: Session,
     dispatcher: Dispatcher,
@@ -209,6 +222,7 @@ def create_audit(
     request: Mapping[str, Any],
     evaluation_params: Mapping[str, Any],
     idempotency_key: str | None,
+    max_active_jobs: int = 0,
 ) -> tuple[Audit, bool]:
     """Create an audit and its evaluation job; ``(audit, created)``. ``request`` is a validated
     ``AuditRequest`` as JSON. A retried request (same owner and key) gets its audit back."""
@@ -216,17 +230,117 @@ def create_audit(
     if idempotency_key is not None and (found := _by_key(session, owner, idempotency_key)):
         return _replay(found, body), False
     model = models_registry.get_model(session, body["model_id"], owner)
-    unknown = [
-        t["metric"]
-        for t in body["thresholds"]
-        if t["metric"].startswith("recall.")
-        and t["metric"].removeprefix("recall.") not in model.classes
-    ]
-    if unknown:
-        raise Invalid(
-            f"{', '.join(unknown)}: no such class; the model's classes are {model.classes}"
-        )
+    _check_recall_classes(body["thresholds"], model.classes)
     baseline = _resolve_baseline(session, owner, body.get("baseline"))
+    return _insert(
+        session,
+        dispatcher,
+        owner,
+        body,
+        model.id,
+        baseline,
+        evaluation_params,
+        idempotency_key,
+        max_active_jobs,
+    )
+
+
+def create_audit_with_upload(
+    session: Session,
+    store: ArtifactStore,
+    dispatcher: Dispatcher,
+    *,
+    owner: str,
+    request: Mapping[str, Any],
+    evaluation_params: Mapping[str, Any],
+    description: Mapping[str, Any],
+    weights: BinaryIO,
+    max_bytes: int,
+    idempotency_key: str | None,
+    max_active_jobs: int = 0,
+) -> tuple[Audit, bool]:
+    """Register an uploaded model (safetensors + description, checked as ``POST /models``
+    checks them) and audit it, in one request. ``request`` is a validated ``AuditSpec``. Every
+    check (file, architecture, classes, dataset, baseline) runs before anything is registered;
+    when one fails, nothing is kept. The model belongs to ``owner`` like any upload. A retry with
+    the same Idempotency-Key and the same file gets its audit back (no second model)."""
+    from app.services import datasets, model_files
+
+    ref = store.put_stream(weights, ".safetensors", max_bytes=max_bytes)
+    model: Model | None = None
+    try:
+        upload = {"sha256": ref.sha256, "size": ref.size, "description": dict(description)}
+        body = _canonical({**request, "upload": upload})
+        if idempotency_key is not None and (found := _by_key(session, owner, idempotency_key)):
+            store.delete(ref.uri)
+            return _replay(found, body), False
+        classes = [str(c) for c in description["classes"]]
+        tensors = model_files.read_safetensors_header(store.path(ref.uri))
+        summary = model_files.check_against_architecture(
+            tensors, str(description["architecture"]), len(classes)
+        )
+        _check_recall_classes(body["thresholds"], classes)
+        if not body.get("dataset_id"):
+            raise Invalid("an uploaded model records no training data: give a dataset_id")
+        dataset = datasets.get_dataset(session, body["dataset_id"], owner)
+        if list(dataset.classes) != classes:
+            raise Invalid(
+                f"the dataset's classes {dataset.classes} differ from the model's {classes}"
+            )
+        baseline = _resolve_baseline(session, owner, body.get("baseline"))
+        model = models_registry.register_uploaded_model(
+            session, owner=owner, ref=ref, description={**description, **summary}
+        )
+        params = {**evaluation_params, "model_id": model.id}
+        audit, created = _insert(
+            session,
+            dispatcher,
+            owner,
+            body,
+            model.id,
+            baseline,
+            params,
+            idempotency_key,
+            max_active_jobs,
+        )
+        if not created:  # a concurrent retry with this key won: it has its own model
+            raise _Superseded(audit)
+        return audit, created
+    except _Superseded as won:
+        _forget_upload(session, store, model, ref.uri)
+        return won.audit, False
+    except BaseException:
+        _forget_upload(session, store, model, ref.uri)
+        raise
+
+
+class _Superseded(Exception):
+    def __init__(self, audit: Audit) -> None:
+        self.audit = audit
+
+
+def _forget_upload(session: Session, store: ArtifactStore, model: Model | None, uri: str) -> None:
+    """Undo a half-made upload: the model row and its artifact row (if registered) and the file."""
+    session.rollback()
+    if model is not None:
+        session.execute(delete(Artifact).where(Artifact.model_id == model.id))
+        session.execute(delete(Model).where(Model.id == model.id))
+        session.commit()
+    store.delete(uri)
+
+
+def _insert(
+    session: Session,
+    dispatcher: Dispatcher,
+    owner: str,
+    body: dict[str, Any],
+    model_id: str,
+    baseline: dict[str, Any] | None,
+    evaluation_params: Mapping[str, Any],
+    idempotency_key: str | None,
+    max_active_jobs: int = 0,
+) -> tuple[Audit, bool]:
+    """Queue the evaluation job, then the audit row."""
     # The job's key is derived from the audit's (a retry after a crash between the two inserts
     # finds its job again) and hashed, so it can never equal a key a client sends for a job.
     job_key = (
@@ -235,11 +349,16 @@ def create_audit(
         else None
     )
     job, _ = submissions.submit_evaluate(
-        session, dispatcher, owner=owner, params=dict(evaluation_params), idempotency_key=job_key
+        session,
+        dispatcher,
+        owner=owner,
+        params=dict(evaluation_params),
+        idempotency_key=job_key,
+        max_active_jobs=max_active_jobs,
     )
     audit = Audit(
         owner=owner,
-        model_id=model.id,
+        model_id=model_id,
         dataset_id=body.get("dataset_id"),
         job_id=job.id,
         request=body,

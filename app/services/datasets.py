@@ -7,7 +7,10 @@ creation, so every training and evaluation job on it uses the same lesion-groupe
 
 from __future__ import annotations
 
+import csv
+import re
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,17 +19,102 @@ from sqlalchemy.orm import Session
 
 from app.core.settings import Settings
 from app.db.tables import ACTIVE_STATUSES, Dataset, Job, new_id
-from app.services import archives
-from app.services.errors import Conflict, Invalid, NotFound
+from app.services import archives, images
+from app.services.errors import Conflict, Invalid, NotFound, ServiceError
 from app.services.storage import SCHEME, ArtifactStore
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+_LABEL_FILES = ("labels.csv", "HAM10000_metadata.csv")  # the order models.data looks for them
+_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_EXAMPLES = 5  # problems listed per kind in a report
 
 
-def _describe(root: Path) -> dict[str, Any]:
-    """Validate the layout under ``root`` and describe it (classes, counts, split manifest)."""
+def check_labels(root: Path) -> None:
+    """Validate a HAM10000-layout labels file as a whole; ``Invalid`` with a report of every
+    rejected row (by kind: unknown class, missing image, duplicate image_id, bad image_id).
+
+    All or nothing: a dataset silently missing some rows would change its split and results."""
+    from models.data import HAM10000_CLASSES, IMAGE_SUFFIXES
+
+    csv_path = next((root / n for n in _LABEL_FILES if (root / n).is_file()), None)
+    if csv_path is None:
+        return
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    present = {p.name for p in image_dir.iterdir() if p.is_file()}
+    problems: dict[str, list[str]] = defaultdict(list)
+    first_row: dict[str, int] = {}
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing_cols = {"image_id", "dx"} - set(reader.fieldnames or [])
+            if missing_cols:
+                raise Invalid(
+                    f"not a dataset: {csv_path.name}: missing columns {sorted(missing_cols)}"
+                )
+            for line, row in enumerate(reader, start=2):
+                image_id, dx = (row.get("image_id") or "").strip(), (row.get("dx") or "").strip()
+                if not _IMAGE_ID.match(image_id):
+                    problems["bad image_id"].append(f"line {line} {image_id[:40]!r}")
+                    continue
+                if image_id in first_row:
+                    problems["duplicate image_id"].append(
+                        f"line {line} {image_id} (first on line {first_row[image_id]})"
+                    )
+                    continue
+                first_row[image_id] = line
+                if dx not in HAM10000_CLASSES:
+                    problems["unknown class"].append(f"line {line} {image_id}: {dx[:40]!r}")
+                if not any(f"{image_id}{ext}" in present for ext in IMAGE_SUFFIXES):
+                    problems["missing image"].append(f"line {line} {image_id}")
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise Invalid(f"not a dataset: {csv_path.name} is not a readable CSV file: {e}") from e
+    if problems:
+        rows = {item.split()[1] for items in problems.values() for item in items}
+        parts = [
+            f"{kind} ({len(items)}): {', '.join(items[:_EXAMPLES])}"
+            + (f", ... {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
+            for kind, items in sorted(problems.items())
+        ]
+        raise Invalid(
+            f"{csv_path.name}: {len(rows)} row(s) rejected, nothing was stored; "
+            + "; ".join(parts)
+            + f"; allowed classes: {', '.join(HAM10000_CLASSES)}"
+        )
+
+
+def _reencode(root: Path, data: Any, settings: Settings, top: Path) -> None:
+    """Rewrite every image and mask of an uploaded dataset without its metadata (decoded under
+    the pixel limit), then delete every other file under ``top`` (the extracted archive) except
+    the labels: what is stored is exactly what was validated."""
+    keep = {root / n for n in _LABEL_FILES}
+    for s in data.samples:
+        for name in (s.image, s.mask):
+            if name is None:
+                continue
+            path = Path(name)
+            try:
+                images.reencode_file(path, max_pixels=settings.max_image_pixels)
+            except ServiceError as e:
+                raise type(e)(f"{path.relative_to(root)}: {e.message}") from e
+            keep.add(path)
+    for path in sorted(top.rglob("*"), reverse=True):  # children before their folders
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path not in keep:
+            path.unlink()
+
+
+def _describe(
+    root: Path, settings: Settings | None = None, upload_dir: Path | None = None
+) -> dict[str, Any]:
+    """Validate the layout under ``root`` and describe it (classes, counts, split manifest).
+
+    For an upload (``upload_dir``: the extracted archive) the files are rewritten by
+    ``_reencode``; a registered directory is only read."""
     from models.data import DataError, build_manifest, load_samples
 
+    check_labels(root)
     try:
         data = load_samples(root)
     except DataError as e:
@@ -39,6 +127,8 @@ def _describe(root: Path) -> dict[str, Any]:
             head = f.read(8)
         if not head.startswith(_IMAGE_MAGIC):
             raise Invalid(f"{Path(s.image).name} is not a JPEG or PNG image")
+    if upload_dir is not None and settings is not None:
+        _reencode(root, data, settings, upload_dir)
     manifest = build_manifest(data, seed=0)
     return {
         "layout": "ham10000" if (root / "labels.csv").is_file() else "class_folders",
@@ -125,7 +215,7 @@ def create_from_archive(
         )
         archive_path.unlink()
         root = archives.dataset_root(work / "data")
-        described = _describe(root)
+        described = _describe(root, settings, upload_dir=work / "data")
         final.mkdir(parents=True)
         shutil.move(str(work / "data"), str(final / "data"))
         moved_root = final / "data" / root.relative_to(work / "data")

@@ -34,3 +34,19 @@ class UnsupportedMedia(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (database, broker, ML runtime) cannot serve the request right now."""
+
+
+class Unauthenticated(ServiceError):
+    """No API key, or one that is unknown, malformed or revoked."""
+
+
+class Forbidden(ServiceError):
+    """A valid API key without the scope the request needs."""
+
+
+class QuotaExceeded(ServiceError):
+    """A per-owner quota is used up; ``retry_after`` says when trying again can succeed."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))

@@ -20,6 +20,8 @@ _REPORT_KINDS = {
     ".png": "report_plot",
     ".xml": "report_junit",
 }
+# Report files recognised by name before their suffix (a second PNG is not the curve).
+_NAMED_KINDS = {"gradcam_montage.png": "report_gradcam"}
 
 
 def _default_store() -> ArtifactStore:
@@ -149,7 +151,8 @@ def _add_evaluation(
 ) -> Evaluation:
     uris: dict[str, str] = {}
     for path in (report_files or {}).values():
-        kind = _REPORT_KINDS.get(Path(path).suffix.lower(), "other")
+        name = Path(path).name
+        kind = _NAMED_KINDS.get(name) or _REPORT_KINDS.get(Path(path).suffix.lower(), "other")
         ref = _stored(store, path)
         _add_artifact(
             session,

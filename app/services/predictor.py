@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from app.services.errors import Invalid, Unavailable
 
 
@@ -55,8 +57,11 @@ def _load(spec: ModelSpec) -> Any:
 class Predictor:
     """Loads models on demand and keeps the ``capacity`` most recently used ones."""
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 4, concurrency: int = 2) -> None:
         self.capacity = capacity
+        # Predictions computed at once (CPU-bound torch work; more than the cores only queues
+        # inside the threads); the API awaits a token before taking a thread.
+        self.limiter = anyio.CapacityLimiter(concurrency)
         self._cache: OrderedDict[tuple[str, str], tuple[Any, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 

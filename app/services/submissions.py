@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.db.tables import Job
-from app.services import datasets, jobs, models_registry
+from app.services import datasets, jobs, models_registry, quotas
 from app.services.errors import Invalid
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def submit_train(
     owner: str,
     params: dict[str, Any],
     idempotency_key: str | None,
+    max_active_jobs: int = 0,
 ) -> tuple[Job, bool]:
     """Queue a training job (``params`` = a validated ``TrainJobRequest`` as JSON)."""
     if (job := _replayed(session, "train", owner, params, idempotency_key)) is not None:
@@ -45,7 +46,7 @@ def submit_train(
         ref = models_registry.get_model(session, params["reference_model_id"], owner)
         if ref.weights_format != "checkpoint" or ref.training_method != "standard":
             raise Invalid("reference_model_id must name a 'standard' model trained by this service")
-    return _submit(session, dispatcher, "train", owner, params, idempotency_key)
+    return _submit(session, dispatcher, "train", owner, params, idempotency_key, max_active_jobs)
 
 
 def submit_evaluate(
@@ -55,6 +56,7 @@ def submit_evaluate(
     owner: str,
     params: dict[str, Any],
     idempotency_key: str | None,
+    max_active_jobs: int = 0,
 ) -> tuple[Job, bool]:
     """Queue an evaluation job (``params`` = a validated ``EvaluateJobRequest`` as JSON)."""
     if (job := _replayed(session, "evaluate", owner, params, idempotency_key)) is not None:
@@ -69,7 +71,7 @@ def submit_evaluate(
             raise Invalid(
                 f"the dataset's classes {ds.classes} differ from the model's {model.classes}"
             )
-    return _submit(session, dispatcher, "evaluate", owner, params, idempotency_key)
+    return _submit(session, dispatcher, "evaluate", owner, params, idempotency_key, max_active_jobs)
 
 
 def _replayed(
@@ -89,7 +91,10 @@ def _submit(
     owner: str,
     params: dict[str, Any],
     idempotency_key: str | None,
+    max_active_jobs: int = 0,
 ) -> tuple[Job, bool]:
+    # After the idempotent replay (a retry gets its job even at the limit), before the insert.
+    quotas.check_active_jobs(session, owner, max_active_jobs)
     job, created = jobs.submit_job(
         session, owner=owner, kind=kind, params=params, idempotency_key=idempotency_key
     )

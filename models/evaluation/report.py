@@ -1,6 +1,6 @@
 """Renderings of an evaluation report: JSON (no NaN: undefined values are null), Markdown with the
-robustness curve embedded, and the curve itself as a PNG (matplotlib's Agg canvas, no pyplot, so no
-global backend state and safe in worker threads)."""
+robustness curve embedded, and the curve itself as a PNG (drawn by :mod:`models.plots`, which needs
+no torch, so the web process draws the same figures)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from models.plots import plot_curve
 
 PLOT_NAME = "robustness_curve.png"
 
@@ -47,9 +47,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
+def write_report(
+    report: Mapping[str, Any], out_dir: str | Path, figures: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Write ``report.json``, ``report.md`` and ``robustness_curve.png`` into ``out_dir``; returns
-    their paths by kind (``json``, ``markdown``, ``plot``)."""
+    their paths by kind (``json``, ``markdown``, ``plot``). ``figures`` (caption -> file name in
+    ``out_dir``, e.g. the Grad-CAM montage) are shown at the end of the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / PLOT_NAME}
@@ -58,76 +61,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, st
     tmp_plot = out / f".{PLOT_NAME}.tmp.png"
     plot_curve(report, tmp_plot)
     os.replace(tmp_plot, paths["plot"])
-    _atomic_write(paths["markdown"], render_markdown(report, PLOT_NAME).encode())
+    _atomic_write(paths["markdown"], render_markdown(report, PLOT_NAME, figures).encode())
     return {k: str(v) for k, v in paths.items()}
-
-
-# --------------------------------------------------------------------------- plot
-def _curve_points(report: Mapping[str, Any]) -> tuple[list[float], list[float], list[float | None]]:
-    rows = sorted(report["robust"].values(), key=lambda r: r["eps"])
-    return (
-        [float(r["eps"]) for r in rows],
-        [float(r["accuracy"]) for r in rows],
-        [r.get("balanced_accuracy") for r in rows],
-    )
-
-
-def plot_curve(
-    reports: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-    path: str | Path,
-    labels: Sequence[str] | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """Robust accuracy (solid) and balanced accuracy (dashed) vs eps of one or several reports on
-    one PNG, each point labelled with its value. Returns what was drawn, read back from the plotted
-    lines: ``{label: {"eps", "accuracy", "balanced_accuracy"}}``."""
-    items = [reports] if isinstance(reports, Mapping) else list(reports)
-    if not items:
-        raise ValueError("no report to plot")
-    if labels is None:
-        labels = [
-            " ".join(
-                str(v) for v in (r["model"].get("architecture"), r["model"].get("method")) if v
-            )
-            or f"model {i + 1}"
-            for i, r in enumerate(items)
-        ]
-    if len(labels) != len(items):
-        raise ValueError(f"{len(labels)} labels for {len(items)} reports")
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    drawn: dict[str, dict[str, list[float]]] = {}
-    colours = [f"C{i % 10}" for i in range(len(items))]
-    for report, label, colour in zip(items, labels, colours, strict=True):
-        eps, acc, bacc = _curve_points(report)
-        (acc_line,) = ax.plot(eps, acc, "o-", color=colour, label=f"{label}: accuracy")
-        keep = [(e, b) for e, b in zip(eps, bacc, strict=True) if b is not None]
-        (bacc_line,) = ax.plot(
-            [e for e, _ in keep], [float(b) for _, b in keep], "s--", color=colour,
-            alpha=0.8, label=f"{label}: balanced accuracy",
-        )  # fmt: skip
-        for line, dy in ((acc_line, 6), (bacc_line, -12)):
-            xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
-            for xv, yv in zip(xs, ys, strict=True):
-                ax.annotate(
-                    f"{yv:.2f}", (xv, yv), textcoords="offset points", xytext=(0, dy),
-                    ha="center", fontsize=7, color=colour,
-                )  # fmt: skip
-        # read back from the lines, so callers (and tests) see what was drawn, not what was meant
-        drawn[label] = {
-            "eps": np.asarray(acc_line.get_xdata(), float).tolist(),
-            "accuracy": np.asarray(acc_line.get_ydata(), float).tolist(),
-            "balanced_accuracy": np.asarray(bacc_line.get_ydata(), float).tolist(),
-        }
-    ax.set_xlabel("L-inf epsilon (1/255)")
-    ax.set_ylabel("worst-case robust accuracy")
-    ax.set_ylim(-0.05, 1.08)
-    ax.grid(alpha=0.3)
-    ax.set_title("Robustness curve")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return drawn
 
 
 # --------------------------------------------------------------------------- markdown
@@ -149,9 +84,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: Mapping[str, Any], plot_name: str | None = PLOT_NAME) -> str:
+def render_markdown(
+    report: Mapping[str, Any],
+    plot_name: str | None = PLOT_NAME,
+    figures: Mapping[str, str] | None = None,
+) -> str:
     """The report as Markdown: summary, per-class recall, per-attack accuracy, validity checks,
-    lesion focus, threat model, versions and timings; the curve image linked by relative path."""
+    lesion focus, threat model, versions and timings; the curve image linked by relative path,
+    and ``figures`` (caption -> link) in a last section."""
     model, data, tm = report["model"], report["dataset"], report["threat_model"]
     classes: list[str] = list(model["classes"])
     rows = sorted(report["robust"].values(), key=lambda r: r["eps"])
@@ -269,4 +209,8 @@ def render_markdown(report: Mapping[str, Any], plot_name: str | None = PLOT_NAME
             + [["checks", _f(t["checks_s"], 1)]],
         ),
     ]
+    if figures:
+        lines += ["", "## Figures"]
+        for caption, link in figures.items():
+            lines += ["", f"![{caption}]({link})"]
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ IdempotencyKey = Annotated[
 ]
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": JobOut, "description": "An earlier submit with this Idempotency-Key"},
-    **error_responses(404, 409, 422),
+    **error_responses(404, 409, 422, 429),
 }
 
 
@@ -65,6 +65,7 @@ def submit_train(
     session: SessionDep,
     dispatcher: DispatcherDep,
     owner: OwnerDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Queue a training run of ``config.method`` (DPAAT or a baseline) on a dataset. The finished
@@ -77,6 +78,7 @@ def submit_train(
             owner=owner,
             params=body.model_dump(mode="json"),
             idempotency_key=idempotency_key,
+            max_active_jobs=settings.max_active_jobs,
         ),
     )
 
@@ -94,6 +96,7 @@ def submit_evaluate(
     session: SessionDep,
     dispatcher: DispatcherDep,
     owner: OwnerDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Queue a robustness evaluation of a model (attacks x eps, metrics, Grad-CAM, checks).
@@ -106,6 +109,7 @@ def submit_evaluate(
             owner=owner,
             params=body.model_dump(mode="json"),
             idempotency_key=idempotency_key,
+            max_active_jobs=settings.max_active_jobs,
         ),
     )
 

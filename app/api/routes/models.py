@@ -13,7 +13,7 @@ from app.api.deps import OwnerDep, SessionDep, SettingsDep, StoreDep
 from app.db.tables import Model
 from app.schemas.common import MAX_OFFSET, Page, error_responses
 from app.schemas.models import EvaluationOut, ModelDescription, ModelOut
-from app.services import models_registry
+from app.services import figures, models_registry
 from app.services.errors import NotFound, Unavailable
 from app.services.storage import ArtifactStore
 
@@ -127,7 +127,8 @@ def get_report(
     owner: OwnerDep,
     format: Annotated[Literal["json", "md"], Query()] = "json",
 ) -> Response | EvaluationOut:
-    """The report of the latest evaluation (404 while the model has none)."""
+    """The report of the latest evaluation (404 while the model has none). The Markdown links
+    its figures by their API URLs (``/models/{id}/figures/{name}.png``)."""
     model = models_registry.get_model(session, model_id, owner)
     evaluation = models_registry.latest_evaluation(session, model)
     if evaluation is None:
@@ -137,5 +138,26 @@ def get_report(
             raise NotFound("this report has no Markdown rendering")
         path = _existing(store, evaluation.report_md_uri, "Markdown report")
         with open(path, encoding="utf-8") as f:
-            return PlainTextResponse(f.read(), media_type="text/markdown")
+            stored = f.read()
+        names = figures.available(session, model, evaluation)
+        text = figures.model_markdown(stored, f"{API_PREFIX}/models/{model.id}/figures", names)
+        return PlainTextResponse(text, media_type="text/markdown")
     return EvaluationOut.model_validate(evaluation)
+
+
+@router.get(
+    "/{model_id}/figures/{name}.png",
+    response_class=FileResponse,
+    summary="A figure of the model's latest report, or of its DPAAT training run",
+    responses={200: {"content": {"image/png": {}}}, **error_responses(404)},
+)
+def get_figure(
+    model_id: str, name: str, session: SessionDep, store: StoreDep, owner: OwnerDep
+) -> FileResponse:
+    """``robustness_curve``, ``class_recall``, ``gradcam_montage`` (of the latest evaluation),
+    ``dpaat_eps_hist`` and ``dpaat_tau`` (of the training run, for a model trained here with
+    DPAAT; these need no evaluation). 404 for a figure this model does not have."""
+    model = models_registry.get_model(session, model_id, owner)
+    evaluation = models_registry.latest_evaluation(session, model)
+    path = figures.path_of(session, store, name, model, evaluation)
+    return FileResponse(str(path), media_type="image/png")

@@ -7,8 +7,10 @@ size-checked, decoded and re-encoded before the model sees them.
 from __future__ import annotations
 
 import base64
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -77,7 +79,7 @@ async def _predict(
     eps_list = tuple(sorted(set(eps))) if eps else (0.5, 1.0, 2.0, 4.0, 8.0)
     if any(not 0 < e <= 64 for e in eps_list):
         raise Invalid("eps values must be in (0, 64] (1/255 units)")
-    results = await run_in_threadpool(
+    work = partial(
         predictor.predict,
         spec,
         data,
@@ -86,6 +88,9 @@ async def _predict(
         steps=steps or settings.predict_steps,
         gradcam=gradcam,
     )
+    # Waiting predictions wait here, on the event loop, not in threads of the shared pool: a
+    # burst of them would otherwise hold every thread and starve cheap requests (job status).
+    results = await anyio.to_thread.run_sync(work, limiter=predictor.limiter)
     return [
         Prediction.model_validate(
             {

@@ -1,0 +1,499 @@
+"""Load on loopback: N concurrent clients for T seconds on prediction and on job status.
+
+Each client (a thread with its own keep-alive connection) alternates ``POST
+/api/v1/models/{id}/predict`` with a real HAM10000 image and ``GET /api/v1/jobs/{id}`` of a
+finished training job, until the time is up. Printed: requests served, errors (any non-2xx or
+transport error; the run exits 1 when there is one), p50/p95/p99 latency per endpoint as the
+clients saw it and p50/p95 as the API measured it (its Prometheus histogram: the clients share the
+machine, and their own threads' time is in the first figure),
+throughput, and the resident memory (RSS) of the API and worker processes (with their children)
+after a warm-up, at the end, the peak sampled each second, and the growth.
+
+    .venv/bin/python bench/bench_load.py                       # full stack, 32 clients x 60 s
+    .venv/bin/python bench/bench_load.py --stack embedded      # SQLite, in-process worker
+    .venv/bin/python bench/bench_load.py --url http://127.0.0.1:8000 --api-key dpk_... \\
+        --pids 1234,5678                                       # an already running service
+
+``--stack full`` starts the processes of tests/stack_support.py (a fresh database on
+DPAAT_TEST_DATABASE_URL, default postgres@127.0.0.1:5432, Redis DPAAT_TEST_REDIS_URL, default
+127.0.0.1:6379; ``dpaat migrate``, ``dpaat serve``, ``dpaat worker``), all removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+CLASSES = ["bcc", "mel", "nv"]
+MODEL = {"architecture": "small_cnn", "classes": CLASSES, "image_size": 64, "name": "load"}
+JOB_CONFIG = {"image_size": 32, "epochs": 1, "batch_size": 32, "pgd_steps": 1, "limit": 48}
+
+
+# ============================================================================ memory
+def _children(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except ImportError:
+        pass
+    except Exception:  # the process is gone
+        return []
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _rss(pid: int) -> int:
+    """Resident set size in bytes (psutil when installed, else /proc/<pid>/status)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except ImportError:
+        pass
+    except Exception:
+        return 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and all its descendants (a prefork worker is a parent and children)."""
+    return sum(_rss(p) for p in [pid, *_children(pid)])
+
+
+# ============================================================================ load
+@dataclass
+class Endpoint:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    samples: list[str] = field(default_factory=list)  # the first few errors, for the report
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+ROUTES = {
+    "predict": ("POST", "/api/v1/models/{model_id}/predict"),
+    "job_status": ("GET", "/api/v1/jobs/{job_id}"),
+}
+
+
+def _histograms(
+    base_url: str, headers: dict[str, str]
+) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """The API's own latency histograms (cumulative (upper bound, count) per method and route)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text
+    out: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "dpaat_http_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                key = (sample.labels["method"], sample.labels["route"])
+                out.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _server_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """A quantile from cumulative bucket counts, interpolated inside its bucket (Prometheus'
+    histogram_quantile); the default buckets make it coarse above 1 s."""
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = upper, count
+    return lower
+
+
+def _server_side(
+    start: dict[tuple[str, str], list[tuple[float, float]]],
+    end: dict[tuple[str, str], list[tuple[float, float]]],
+) -> dict[str, dict[str, float]]:
+    figures = {}
+    for name, key in ROUTES.items():
+        first = dict(start.get(key, []))
+        delta = [(le, n - first.get(le, 0.0)) for le, n in end.get(key, [])]
+        figures[name] = {
+            "count": int(delta[-1][1]) if delta else 0,
+            "p50_ms": round(_server_quantile(delta, 0.50) * 1000, 1),
+            "p95_ms": round(_server_quantile(delta, 0.95) * 1000, 1),
+        }
+    return figures
+
+
+def _drive(
+    calls: dict[str, Callable[[httpx.Client], httpx.Response]],
+    headers: dict[str, str],
+    clients: int,
+    seconds: float,
+) -> tuple[dict[str, Endpoint], float]:
+    """``clients`` threads calling the endpoints in turn until ``seconds`` have passed."""
+    results = {name: Endpoint() for name in calls}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        order = list(calls) if index % 2 == 0 else list(reversed(calls))
+        with httpx.Client(headers=headers, timeout=120) as c:
+            i = 0
+            while time.monotonic() < deadline:
+                name = order[i % len(order)]
+                i += 1
+                start = time.perf_counter()
+                try:
+                    r = calls[name](c)
+                    ok, what = r.status_code == 200, f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as e:
+                    ok, what = False, f"{type(e).__name__}: {e}"
+                elapsed = time.perf_counter() - start
+                with lock:
+                    ep = results[name]
+                    if ok:
+                        ep.latencies.append(elapsed)
+                    else:
+                        ep.errors += 1
+                        if len(ep.samples) < 5:
+                            ep.samples.append(what)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.monotonic() - began
+
+
+def run_load(
+    base_url: str,
+    headers: dict[str, str],
+    model_id: str,
+    job_id: str,
+    image: bytes,
+    *,
+    clients: int,
+    seconds: float,
+    pids: dict[str, int],
+    predict_params: dict[str, Any] | None = None,
+    warmup_seconds: float = 5.0,
+) -> dict[str, Any]:
+    """Run the load and return the figures (see the module docstring).
+
+    First a warm-up at the same concurrency (not counted in the latencies, but its errors are):
+    the model is loaded and cached, the server's thread pool and the allocator's per-thread
+    arenas reach their working size. "before" is the RSS after it, so "growth" is what the
+    measured run adds; "cold" is the RSS before any request of this run."""
+    params = predict_params or {"steps": 3}
+    calls: dict[str, Callable[[httpx.Client], httpx.Response]] = {
+        "predict": lambda c: c.post(
+            f"{base_url}/api/v1/models/{model_id}/predict",
+            params=params,
+            files={"file": ("lesion.jpg", image, "image/jpeg")},
+        ),
+        "job_status": lambda c: c.get(f"{base_url}/api/v1/jobs/{job_id}"),
+    }
+    cold = {name: tree_rss(pid) for name, pid in pids.items()}
+    warm, _ = _drive(calls, headers, clients, warmup_seconds)
+    before = {name: tree_rss(pid) for name, pid in pids.items()}
+    peak = dict(before)
+    stop = threading.Event()
+
+    def sample_memory() -> None:
+        while not stop.wait(1.0):
+            for name, pid in pids.items():
+                peak[name] = max(peak[name], tree_rss(pid))
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    histograms_before = _histograms(base_url, headers)
+    results, elapsed = _drive(calls, headers, clients, seconds)
+    server = _server_side(histograms_before, _histograms(base_url, headers))
+    stop.set()
+    sampler.join()
+    after = {name: tree_rss(pid) for name, pid in pids.items()}
+    mb = 1 << 20
+    served = sum(len(e.latencies) for e in results.values())
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "served": served,
+        "errors": sum(e.errors for e in results.values()),
+        "warmup": {
+            "seconds": warmup_seconds,
+            "served": sum(len(e.latencies) for e in warm.values()),
+            "errors": sum(e.errors for e in warm.values()),
+        },
+        "throughput_rps": round(served / elapsed, 1),
+        "endpoints": {
+            name: {
+                "served": len(e.latencies),
+                "errors": e.errors,
+                "error_samples": e.samples + warm[name].samples,
+                "rps": round(len(e.latencies) / elapsed, 2),
+                "p50_ms": round(_pct(e.latencies, 0.50) * 1000, 1),
+                "p95_ms": round(_pct(e.latencies, 0.95) * 1000, 1),
+                "p99_ms": round(_pct(e.latencies, 0.99) * 1000, 1),
+                "server_p50_ms": server[name]["p50_ms"],
+                "server_p95_ms": server[name]["p95_ms"],
+            }
+            for name, e in results.items()
+        },
+        "rss_mb": {
+            name: {
+                "cold": round(cold[name] / mb, 1),
+                "before": round(before[name] / mb, 1),
+                "after": round(after[name] / mb, 1),
+                "peak": round(peak[name] / mb, 1),
+                "growth": round((after[name] - before[name]) / mb, 1),
+            }
+            for name in pids
+        },
+        "predict_params": params,
+    }
+
+
+def print_report(figures: dict[str, Any]) -> None:
+    print(
+        f"\n{figures['clients']} clients x {figures['seconds']} s: {figures['served']} requests "
+        f"served, {figures['errors']} errors, {figures['throughput_rps']} req/s"
+    )
+    print(
+        f"{'endpoint':<12} {'served':>7} {'errors':>6} {'req/s':>7} {'p50 ms':>8} "
+        f"{'p95 ms':>8} {'p99 ms':>8} | {'server p50':>10} {'p95':>8}"
+    )
+    for name, e in figures["endpoints"].items():
+        print(
+            f"{name:<12} {e['served']:>7} {e['errors']:>6} {e['rps']:>7} {e['p50_ms']:>8} "
+            f"{e['p95_ms']:>8} {e['p99_ms']:>8} | {e['server_p50_ms']:>10} {e['server_p95_ms']:>8}"
+        )
+        for sample in e["error_samples"]:
+            print(f"    error: {sample}")
+    w = figures["warmup"]
+    print(f"(after a {w['seconds']} s warm-up: {w['served']} requests, {w['errors']} errors)")
+    print(
+        f"{'process':<12} {'RSS cold':>9} {'before':>8} {'after':>8} {'peak':>8} {'growth':>8}"
+        "  (MB; before = after the warm-up)"
+    )
+    for name, m in figures["rss_mb"].items():
+        print(
+            f"{name:<12} {m['cold']:>9} {m['before']:>8} {m['after']:>8} {m['peak']:>8} "
+            f"{m['growth']:>8}"
+        )
+
+
+# ============================================================================ set-up
+def lesion_image() -> bytes:
+    """A real HAM10000 image when the data is here, else a generated JPEG."""
+    from app.core.settings import default_data_roots
+
+    for root in default_data_roots():
+        found = next((root / "images").glob("ISIC_*.jpg"), None)
+        if found is not None:
+            return found.read_bytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((600, 450), 50).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def small_weights() -> bytes:
+    from safetensors.torch import save_model
+
+    from models.nets import build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_model(build_model(MODEL["architecture"], len(CLASSES)), str(path))
+        return path.read_bytes()
+
+
+def prepare(http: httpx.Client, base_url: str) -> tuple[str, str]:
+    """Upload a small model and run one tiny training job: (model_id, finished job id)."""
+    r = http.post(
+        f"{base_url}/api/v1/models",
+        files={"weights": ("w.safetensors", small_weights(), "application/octet-stream")},
+        data={"description": json.dumps(MODEL)},
+    )
+    r.raise_for_status()
+    model_id = r.json()["id"]
+    r = http.post(f"{base_url}/api/v1/jobs/train", json={"config": JOB_CONFIG, "name": "load"})
+    r.raise_for_status()
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = http.get(f"{base_url}/api/v1/jobs/{job_id}").json()["status"]
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    return model_id, job_id
+
+
+@dataclass
+class Target:
+    base_url: str
+    headers: dict[str, str]
+    pids: dict[str, int]
+
+
+@contextmanager
+def full_stack(workdir: Path, env: dict[str, str]) -> Iterator[Target]:
+    from stack_support import running_stack
+
+    pg = os.environ.get(
+        "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    redis_url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with running_stack(pg, redis_url, workdir, env=env) as s:
+        assert s.api is not None and s.worker is not None
+        yield Target(s.base_url, dict(s.http.headers), {"api": s.api.pid, "worker": s.worker.pid})
+
+
+@contextmanager
+def embedded_stack(workdir: Path, extra: dict[str, str]) -> Iterator[Target]:
+    """``dpaat serve`` on SQLite with its in-process worker (one process)."""
+    from stack_support import dpaat_command, free_port, wait_for
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPAAT_")}
+    env.pop("DATABASE_URL", None)
+    env.pop("BROKER_URL", None)
+    env.update(
+        DPAAT_DATABASE_URL=f"sqlite:///{workdir / 'load.db'}",
+        DPAAT_ARTIFACT_DIR=str(workdir / "artifacts"),
+        DPAAT_AUTO_MIGRATE="true",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    env.update(extra)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (workdir / "api.log").open("wb") as log:
+        proc = subprocess.Popen(
+            dpaat_command("serve", "--port", str(port), "--log-level", "warning"),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/health/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 120, "the embedded service", every=0.3)
+        yield Target(base, {}, {"api": proc.pid})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--stack", choices=("full", "embedded"), default="full")
+    parser.add_argument("--url", help="an already running service (skips starting one)")
+    parser.add_argument("--api-key", default=os.environ.get("DPAAT_API_KEY"))
+    parser.add_argument("--pids", default="", help="with --url: api_pid[,worker_pid]")
+    parser.add_argument("--steps", type=int, default=3, help="PGD steps of predict's score")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the started service processes"
+    )
+    args = parser.parse_args()
+
+    print(
+        f"bench_load on {platform.node()} ({os.cpu_count()} CPUs), "
+        f"python {platform.python_version()}"
+    )
+    env = dict(item.split("=", 1) for item in args.env)
+    with tempfile.TemporaryDirectory(prefix="dpaat-load-") as tmp:
+        if args.url:
+            pid_list = [int(p) for p in args.pids.split(",") if p]
+            given = Target(
+                args.url.rstrip("/"),
+                {"X-API-Key": args.api_key} if args.api_key else {},
+                dict(zip(("api", "worker"), pid_list, strict=False)),
+            )
+            target_cm: Any = nullcontext(given)
+        elif args.stack == "full":
+            target_cm = full_stack(Path(tmp), env)
+        else:
+            target_cm = embedded_stack(Path(tmp), env)
+        with target_cm as target:
+            with httpx.Client(headers=target.headers, timeout=300) as http:
+                model_id, job_id = prepare(http, target.base_url)
+            figures = run_load(
+                target.base_url,
+                target.headers,
+                model_id,
+                job_id,
+                lesion_image(),
+                clients=args.clients,
+                seconds=args.seconds,
+                pids=target.pids,
+                predict_params={"steps": args.steps},
+            )
+    figures["stack"] = "url" if args.url else args.stack
+    figures["env"] = env
+    print_report(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 1 if figures["errors"] or figures["warmup"]["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
