@@ -27,7 +27,6 @@ from typing import Any
 from models.experiment import (
     RESULT_FILE,
     Experiment,
-    collect_results,
     read_result,
     unit_dir,
     unit_hash,
@@ -123,13 +122,17 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "mean": mean,
             "spread": spread,
             "verdicts": [r["report"].get("verdict") for r in rs],
+            "codes": sorted({_code(r) for r in rs}),
             "settings": _distinct_settings(rs[0]),
         }
     return out
 
 
 def _distinct_settings(result: dict[str, Any]) -> dict[str, Any]:
-    cfg = result["train_config"]
+    from models.training.config import TrainConfig
+
+    # a result made before a field existed ran with its default (tau_statistic, tau_update...)
+    cfg = {**TrainConfig().to_dict(), **result["train_config"]}
     keys = ("eps_max", "delta", "beta", "z", "pgd_steps", "tau_momentum", "trades_beta")
     extra = {k: v for k, v in cfg.items() if k.startswith(("criterion", "tau_"))}
     return {**{k: cfg.get(k) for k in keys}, **extra}
@@ -249,6 +252,7 @@ def variant_table(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[s
             "curve area",
             "focus (clean)",
             "s/epoch",
+            "code",
         ],
         [
             [
@@ -264,6 +268,7 @@ def variant_table(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[s
                 _fmt(aggs[n], "curve_auc"),
                 _fmt(aggs[n], "focus_clean"),
                 _fmt(aggs[n], "epoch_s", pct=False),
+                ", ".join(f"`{c[:8]}`" for c in aggs[n].get("codes", [])),
             ]
             for n in present
         ],
@@ -543,13 +548,15 @@ def plot_gradcam_montage(
 
 
 def _show(ax: Any, img: Any, cam: Any, mask: Any) -> None:
-    ax.imshow(img.permute(1, 2, 0).numpy())
-    if cam is not None:
-        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    if mask is not None and bool(mask.any()):
-        ax.contour(mask.float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    # the same tile as the evaluation's montage (models.plots), from tensors
+    from models.plots import show_cam
+
+    show_cam(
+        ax,
+        img.permute(1, 2, 0).numpy(),
+        None if cam is None else cam.numpy(),
+        None if mask is None else mask.float().numpy(),
+    )
 
 
 # --------------------------------------------------------------------------- cost
@@ -612,6 +619,66 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def gather_results(
+    exp: Experiment, published: Path
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """The current result of every unit, in unit order, and the file it came from: the run
+    directory's ``result.json``, else the copy published earlier in ``published`` (checked the same
+    way: self-check and config hash). Run directories hold checkpoints and are not in git, so a
+    summary made on another machine, or after they were cleaned, keeps the published results."""
+    results: list[dict[str, Any]] = []
+    sources: dict[str, Path] = {}
+    for unit in exp.units():
+        digest = unit_hash(exp, unit)
+        for path in (unit_dir(exp, unit) / RESULT_FILE, published / f"{unit.key}.json"):
+            body = read_result(path, digest)[0]
+            if body is not None:
+                results.append(body)
+                sources[unit.key] = path
+                break
+    return results, sources
+
+
+def _code(result: dict[str, Any]) -> str:
+    return str(result.get("code_sha256", "?"))[:12]
+
+
+def code_versions(results: list[dict[str, Any]]) -> str:
+    """Which code made which result: one line per ML-core fingerprint, oldest first, with the
+    units it made; the fingerprint of the code present now is marked."""
+    from models.experiment import code_fingerprint
+
+    now = code_fingerprint()[:12]
+    by_code: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_code[_code(r)].append(r)
+    ordered = sorted(by_code.items(), key=lambda kv: min(str(r.get("finished_at")) for r in kv[1]))
+    head = (
+        "Code of the ML core (sha256 of the data, nets, attacks, training and evaluation sources, "
+        "recorded in each result file as `code_sha256`): "
+    )
+    if len(ordered) == 1:
+        return (
+            head
+            + f"`{ordered[0][0]}` for every result"
+            + (" (the code present now)." if ordered[0][0] == now else ".")
+        )
+    rows = [
+        [
+            f"`{code}`" + (" (now)" if code == now else ""),
+            f"{min(str(r.get('finished_at')) for r in rs)[:16]} to "
+            f"{max(str(r.get('finished_at')) for r in rs)[:16]}",
+            ", ".join(f"`{r['unit']}`/{r['seed']}" for r in rs),
+        ]
+        for code, rs in ordered
+    ]
+    return (
+        head
+        + f"**{len(ordered)} versions**: results were made while the code changed.\n\n"
+        + _table(["code", "finished (UTC)", "results (unit/seed)"], rows)
+    )
+
+
 def summarize(
     exp: Experiment,
     results_dir: str | Path,
@@ -627,20 +694,26 @@ def summarize(
     summary is reused."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = collect_results(exp)
+    results, sources = gather_results(exp, out / "units")
     planned = exp.units()
     done_keys = {f"{r['unit']}-seed{r['seed']}" for r in results}
     missing = [u.key for u in planned if u.key not in done_keys]
 
-    units_dir = out / "units"
+    # only copies of current results: stale ones must not linger (built beside, then swapped in)
+    units_dir, fresh = out / "units", out / ".units.new"
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    fresh.mkdir()
+    for key, source in sources.items():
+        shutil.copyfile(source, fresh / f"{key}.json")
     if units_dir.exists():
-        shutil.rmtree(units_dir)  # only copies of current results: stale ones must not linger
-    units_dir.mkdir()
-    for u in planned:
-        if u.key in done_keys:
-            shutil.copyfile(unit_dir(exp, u) / RESULT_FILE, units_dir / f"{u.key}.json")
+        shutil.rmtree(units_dir)
+    fresh.rename(units_dir)
     if exp.source is not None:
         shutil.copyfile(exp.source, out / "experiment.toml")
+    published = sum(1 for p in sources.values() if p.parent == units_dir)
+    if published:
+        log(f"results: {published} result(s) kept from {units_dir} (no run directory here)")
 
     aggs = aggregate(results)
     main = [m for m in exp.methods]
@@ -685,9 +758,16 @@ def summarize(
         if plot_training_dynamics(results, out / "dpaat_eps_hist.png", out / "dpaat_tau.png"):
             plots.append(("DPAAT per-sample ε distribution over training", "dpaat_eps_hist.png"))
             plots.append(("τ, broken fraction and mean ε per epoch", "dpaat_tau.png"))
-        if gradcam and plot_gradcam_montage(exp, main, out / "gradcam_montage.png", log=log):
+        montage = out / "gradcam_montage.png"
+        if gradcam and plot_gradcam_montage(exp, main, montage, log=log):
+            plots.append(("Grad-CAM, clean and adversarial, same test images", montage.name))
+        elif montage.is_file():  # the checkpoints are gone (not in git): keep the earlier one
             plots.append(
-                ("Grad-CAM, clean and adversarial, same test images", "gradcam_montage.png")
+                (
+                    "Grad-CAM, clean and adversarial, same test images (drawn by an earlier "
+                    "summary from the main methods' checkpoints)",
+                    montage.name,
+                )
             )
 
     first = results[0] if results else None
@@ -720,17 +800,7 @@ def summarize(
             "Attacks: " + ", ".join(_attack_text(a) for a in exp.eval.attacks) + ".",
             "",
         ]
-        versions = sorted({str(r.get("code_sha256", "?"))[:12] for r in results})
-        lines += [
-            "Code of the ML core (sha256 of data, nets, attacks, training, evaluation sources): "
-            + (
-                f"`{versions[0]}` for every result."
-                if len(versions) == 1
-                else f"**{len(versions)} versions** ({', '.join(versions)}): results were made "
-                "while the code changed; see each result file's `code_sha256`."
-            ),
-            "",
-        ]
+        lines += [code_versions(results), ""]
     if missing:
         lines += [
             "## Partial",
@@ -780,7 +850,8 @@ def summarize(
             "",
             f"Each `{'`/`'.join(methods)}` row is the default run of the comparison on the same "
             f"seed(s) ({', '.join(map(str, sorted(seeds)))}); the other rows change only the "
-            "settings shown.",
+            "settings shown. The `code` column is the code version that made each row (see the "
+            "list of versions above): compare rows of the same version.",
             "",
             variant_table(table_aggs, rows, eps),
             "",
@@ -794,12 +865,14 @@ def summarize(
         "## Result files",
         "",
         _table(
-            ["unit", "result file", "config hash", "checkpoint sha256"],
+            ["unit", "result file", "config hash", "code", "finished", "checkpoint sha256"],
             [
                 [
                     f"`{r['unit']}` seed {r['seed']}",
                     f"[units/{r['unit']}-seed{r['seed']}.json](units/{r['unit']}-seed{r['seed']}.json)",
                     f"`{r['config_hash'][:12]}`",
+                    f"`{_code(r)}`",
+                    str(r.get("finished_at", "?")),
                     f"`{r['checkpoint_sha256'][:12]}`",
                 ]
                 for r in results

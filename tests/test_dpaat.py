@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from models.training import TrainConfig, dpaat
+from models.data import load_bundle
+from models.training import TrainConfig, dpaat, train
 from models.training.methods import DPAAT, make_method
+from models.training.trainer import config_differences
 
 
 # --------------------------------------------------------------------------- update rules
@@ -112,6 +116,50 @@ def test_next_tau_momentum_and_empty_collection() -> None:
     assert dpaat.initial_tau(7) == pytest.approx(math.log(7))
 
 
+def test_each_tau_statistic_on_known_numbers() -> None:
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
+    # median_mad: median 3, MAD 1 (the spec's rule, unchanged)
+    assert dpaat.threshold(losses, 2.0, "median_mad") == dpaat.robust_threshold(losses, 2.0)
+    # mean_std: mean 22; deviations -21 -20 -19 -18 78, squares sum 7610, std (divisor n) sqrt(1522)
+    assert dpaat.threshold(losses, 2.0, "mean_std") == pytest.approx(22 + 2 * math.sqrt(1522))
+    # quantile: position (n - 1) q = 3.6 between 4 and 100 -> 4 + 0.6 * 96; z plays no part
+    assert dpaat.threshold(losses, 2.0, "quantile", 0.9) == pytest.approx(61.6)
+    assert dpaat.threshold(losses, 7.0, "quantile", 0.5) == pytest.approx(3.0)
+    # one loss: its own value for every statistic (std with divisor n is 0, not NaN)
+    for statistic in ("median_mad", "mean_std", "quantile"):
+        assert dpaat.threshold(torch.tensor([0.4]), 2.0, statistic) == pytest.approx(0.4)
+        with pytest.raises(ValueError):
+            dpaat.threshold(torch.zeros(0), 2.0, statistic)
+    with pytest.raises(ValueError, match="unknown tau statistic"):
+        dpaat.threshold(losses, 2.0, "mean_mad")
+    # next_tau smooths whichever statistic it is given
+    assert dpaat.next_tau(1.0, losses, 2.0, 0.5, "quantile", 0.5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"tau_statistic": "mad"}, "tau_statistic 'mad' is unknown"),
+        ({"tau_update": "step"}, "tau_update 'step' is unknown"),
+        ({"tau_quantile": 1.0}, "tau_quantile must be in"),
+        ({"tau_quantile": 0}, "tau_quantile must be in"),
+        ({"tau_quantile": True}, "tau_quantile must be in"),
+    ],
+)
+def test_unknown_tau_settings_are_refused(settings: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**settings).validate()
+
+
+def test_checkpoints_without_the_new_fields_resume_as_their_defaults() -> None:
+    now = TrainConfig().to_dict()
+    old = {k: v for k, v in now.items() if not k.startswith(("tau_statistic", "tau_q", "tau_u"))}
+    assert config_differences(old, now) == []
+    assert config_differences(old, {**now, "tau_update": "batch"}) == [
+        "tau_update: saved 'epoch', now 'batch'"
+    ]
+
+
 # --------------------------------------------------------------------------- observer, bisection
 def test_first_break_keeps_the_first_crossing_iterate() -> None:
     x = torch.zeros(3, 2)
@@ -160,11 +208,11 @@ def test_bisection_finds_the_boundary_fraction() -> None:
 
 # --------------------------------------------------------------------------- the batch step
 def adaptive(
-    method: str = "dpaat", beta: float = 0.5, n: int = 4, tau: float | None = None
+    method: str = "dpaat", beta: float = 0.5, n: int = 4, tau: float | None = None, **extra: Any
 ) -> DPAAT:
     """A per-sample-radius method (eps_max 8, delta 1, PGD-10, B = 5) for a 2-class problem."""
     cfg = TrainConfig(
-        method=method, beta=beta, eps_max=8.0, delta=1.0, pgd_steps=10, bisection_steps=5
+        method=method, beta=beta, eps_max=8.0, delta=1.0, pgd_steps=10, bisection_steps=5, **extra
     )
     m = make_method(cfg, num_train=n, num_classes=2, tau=tau)
     assert isinstance(m, DPAAT)
@@ -298,3 +346,99 @@ def test_scatter_first_is_deterministic_with_repeated_indices() -> None:
     target = torch.zeros(4)
     dpaat.scatter_first(target, torch.tensor([2, 0, 2, 3]), torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert target.tolist() == [2.0, 0.0, 1.0, 4.0]
+
+
+# --------------------------------------------------------------------------- tau update granularity
+def two_batches(method: DPAAT) -> None:
+    """The ramp batch twice, as training-set samples 0-3 then 4-7 (the model is not stepped, so
+    both batches have the same clean losses)."""
+    x, y = ramp_batch()
+    for idx in (torch.arange(4), torch.arange(4, 8)):
+        method.batch(Ramp().train(), x, y, idx, torch.Generator().manual_seed(0))
+
+
+def test_per_epoch_tau_stays_fixed_within_the_epoch_and_is_recomputed_at_its_end() -> None:
+    method = adaptive(n=8)
+    method.state.eps[:] = 4.0
+    start = method.state.tau
+    assert start == pytest.approx(math.log(2))
+    two_batches(method)
+    assert method.state.tau == start  # both batches judged with the epoch's tau
+    # A (u = -10) cannot reach the ln 2 boundary within 4/255 (u <= -6): expanded in both batches
+    assert method.state.eps[[0, 4]].tolist() == [5.0, 5.0]
+    losses = method.state.collected_losses()
+    assert len(losses) == 6
+    record = method.end_epoch()
+    assert record["tau"] == start and "tau_batches" not in record
+    assert record["tau_next"] == dpaat.robust_threshold(losses, 2.0)
+    assert method.state.tau_history == [start, record["tau_next"]]
+
+
+def test_per_batch_tau_is_the_epochs_estimate_so_far() -> None:
+    method = adaptive(n=8, tau_update="batch")
+    method.state.eps[:] = 4.0
+    start = method.state.tau
+    x, y = ramp_batch()
+    method.batch(Ramp().train(), x, y, torch.arange(4), torch.Generator().manual_seed(0))
+    first = method.state.collected_losses()
+    after_one = dpaat.robust_threshold(first, 2.0)
+    # A, B and D are correct with losses softplus(-10), softplus(-2), softplus(-10): the median is
+    # softplus(-10) and so is the MAD-based tau (two of three deviations are zero)
+    assert method.state.tau == pytest.approx(after_one) and after_one < 1e-4
+    method.batch(Ramp().train(), x, y, torch.arange(4, 8), torch.Generator().manual_seed(0))
+    # the second batch was judged with the new, tiny tau: A now breaks at once and shrinks
+    assert method.state.eps[0].item() == 5.0 and method.state.eps[4].item() < 4.0
+    record = method.end_epoch()
+    # the end-of-epoch value is the per-epoch rule on the same losses; the epoch's first tau is
+    # reported as "tau", the range of the taus its batches used beside it
+    assert record["tau_next"] == dpaat.robust_threshold(torch.cat([first, first]), 2.0)
+    assert record["tau"] == start
+    assert record["tau_batches"] == {"min": after_one, "max": start}
+    assert method.state.tau_history == [start, record["tau_next"]]
+    assert method.batch_taus == []
+
+
+def test_per_batch_momentum_smooths_against_the_epochs_starting_tau() -> None:
+    method = adaptive(n=8, tau_update="batch", tau_momentum=0.5)
+    start = method.state.tau
+    assert start is not None
+    two_batches(method)
+    losses = method.state.collected_losses()
+    # not compounded batch after batch: m * tau(epoch start) + (1 - m) * estimate so far
+    assert method.state.tau == pytest.approx(0.5 * start + 0.5 * dpaat.robust_threshold(losses, 2))
+
+
+def test_default_tau_settings_change_nothing_and_the_others_reach_the_trainer(
+    tmp_path: Path,
+) -> None:
+    """A short real run: explicit default knobs give the same weights, bit for bit, as none (an
+    old config); mean_std and per-batch updates do reach the training loop."""
+    torch.set_num_threads(1)
+    data = load_bundle(None, 32, limit=48)
+    base = {
+        "method": "dpaat",
+        "epochs": 3,
+        "batch_size": 16,
+        "pgd_steps": 2,
+        "bisection_steps": 2,
+        "image_size": 32,
+        "limit": 48,
+        "device": "cpu",
+    }
+    runs = {
+        "none": {},
+        "explicit": {"tau_statistic": "median_mad", "tau_quantile": 0.9, "tau_update": "epoch"},
+        "mean_std": {"tau_statistic": "mean_std"},
+        "batch": {"tau_update": "batch"},
+    }
+    weights, taus = {}, {}
+    for name, extra in runs.items():
+        result = train(TrainConfig.from_dict({**base, **extra}), tmp_path / name, data=data)
+        weights[name] = torch.load(result.checkpoint, weights_only=True)["model"]
+        taus[name] = [h["tau_next"] for h in result.history]
+    assert weights["none"].keys() == weights["explicit"].keys()
+    assert all(torch.equal(weights["none"][k], weights["explicit"][k]) for k in weights["none"])
+    assert taus["none"] == taus["explicit"]
+    assert taus["mean_std"] != taus["none"]
+    # the third epoch trains on radii that the batch-wise criterion moved: other weights
+    assert any(not torch.equal(weights["none"][k], weights["batch"][k]) for k in weights["none"])

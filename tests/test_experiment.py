@@ -165,6 +165,40 @@ def test_summarize_publishes_tables_and_plots(finished: Path, tmp_path: Path) ->
     assert summary["aggregates"]["dpaat"]["n"] == 1
 
 
+def test_summary_keeps_published_results_when_run_directories_are_gone(
+    finished: Path, tmp_path: Path
+) -> None:
+    """Run directories (checkpoints) are not in git: a later summary must keep what was
+    published, drop a published copy that fails its checks, and say which code made what."""
+    from models.experiment import code_fingerprint
+    from models.experiment_report import summarize
+
+    exp = _copy(finished, tmp_path)
+    results = tmp_path / "results"
+    summarize(exp, results, gradcam=True, log=lambda _: None)
+    montage = (results / "gradcam_montage.png").read_bytes()
+    shutil.rmtree(exp.run_dir)
+    # the published copy of standard is edited: its self-check fails, so it is not used
+    copy = results / "units" / "standard-seed0.json"
+    doc = json.loads(copy.read_text())
+    doc["body"]["report"]["clean"]["accuracy"] = 0.99
+    copy.write_text(json.dumps(doc))
+    logs: list[str] = []
+    text = summarize(exp, results, log=logs.append).read_text()
+    assert sorted(p.name for p in (results / "units").iterdir()) == ["dpaat-seed0.json"]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["units_missing"] == ["standard-seed0"]
+    assert summary["aggregates"]["dpaat"]["n"] == 1
+    assert "| `dpaat` |" in text and "| `standard` |" not in text
+    assert any("1 result(s) kept" in line for line in logs)
+    # no checkpoint left to draw from: the earlier montage stays, labelled as earlier
+    assert (results / "gradcam_montage.png").read_bytes() == montage
+    assert "drawn by an earlier summary" in text
+    # the code version of each result, marked when it is the code present now
+    assert f"`{code_fingerprint()[:12]}` for every result (the code present now)" in text
+    assert not (results / ".units.new").exists()
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [

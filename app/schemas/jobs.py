@@ -61,6 +61,13 @@ class TrainHyperParams(BaseModel):
     beta: float = Field(default=0.5, ge=0, le=1, description="Weight of the adversarial loss.")
     z: float = Field(default=2.0, ge=0, le=10, description="Robust z-score of the criterion tau.")
     tau_momentum: float = Field(default=0.0, ge=0, lt=1)
+    tau_statistic: Literal["median_mad", "mean_std", "quantile"] = Field(
+        default="median_mad", description="Statistic of the criterion tau (the spec: median_mad)."
+    )
+    tau_quantile: float = Field(default=0.9, gt=0, lt=1, description="For tau_statistic=quantile.")
+    tau_update: Literal["epoch", "batch"] = Field(
+        default="epoch", description="Recompute tau once per epoch (the spec) or every batch."
+    )
     trades_beta: float = Field(default=6.0, ge=0, le=100)
     class_weights: bool = False
     balanced_sampler: bool = False

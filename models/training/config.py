@@ -20,6 +20,12 @@ PER_SAMPLE_EPS_METHODS: tuple[str, ...] = ("dpaat", "amat_external", "iaat_flip"
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULERS: tuple[str, ...] = ("cosine", "none")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+# DPAAT's criterion tau from the collected losses L (docs/decisions/training.md):
+# median + z * 1.4826 * MAD (the spec), mean + z * std, or the tau_quantile-th quantile (z unused)
+TAU_STATISTICS: tuple[str, ...] = ("median_mad", "mean_std", "quantile")
+# when tau is recomputed: at the end of each epoch (the spec), or after every batch from the
+# losses collected so far in the epoch
+TAU_UPDATES: tuple[str, ...] = ("epoch", "batch")
 
 
 @dataclass
@@ -49,6 +55,9 @@ class TrainConfig:
     beta: float = 0.5  # adversarial share of the loss (dpaat, amat_external, iaat_flip)
     z: float = 2.0
     tau_momentum: float = 0.0
+    tau_statistic: str = "median_mad"  # median_mad | mean_std | quantile
+    tau_quantile: float = 0.9  # only for tau_statistic = "quantile"
+    tau_update: str = "epoch"  # epoch | batch
     trades_beta: float = 6.0
     reference_checkpoint: str | None = None  # amat_external: tau from this standard model
     class_weights: bool = False  # inverse-frequency CE weights (nv is 2/3 of HAM10000)
@@ -86,6 +95,20 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {list(OPTIMIZERS)}")
         need(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")
         need(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
+        need(
+            self.tau_statistic in TAU_STATISTICS,
+            f"tau_statistic {self.tau_statistic!r} is unknown; "
+            f"choose one of {list(TAU_STATISTICS)}",
+        )
+        need(
+            self.tau_update in TAU_UPDATES,
+            f"tau_update {self.tau_update!r} is unknown; choose one of {list(TAU_UPDATES)}",
+        )
+        q = self.tau_quantile
+        need(
+            isinstance(q, int | float) and not isinstance(q, bool) and 0 < q < 1,
+            f"tau_quantile must be in (0, 1), got {q!r}",
+        )
         for name in ("image_size", "epochs", "batch_size", "pgd_steps", "bisection_steps", "seed"):
             value = getattr(self, name)
             need(

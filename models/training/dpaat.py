@@ -5,6 +5,8 @@ This is the project's reconstruction of "Dynamic Perturbation-Adaptive Adversari
 one L-infinity radius per training sample, a loss threshold ``tau`` recomputed every epoch from
 the clean losses of correctly classified samples (median + z * 1.4826 * MAD), and per-sample
 expand / shrink-to-boundary rules. Radii here are in 1/255 units unless a name says pixels.
+For the ablations, tau may also come from mean + z * std or a quantile of the losses, and may be
+refreshed after every batch (``TrainConfig.tau_statistic`` / ``tau_update``).
 
 The training step that uses these pieces lives in :mod:`models.training.methods`.
 """
@@ -48,12 +50,50 @@ def robust_threshold(losses: torch.Tensor, z: float) -> float:
     return float(med + z * MAD_SCALE * mad)
 
 
-def next_tau(old: float, losses: torch.Tensor, z: float, momentum: float = 0.0) -> float:
-    """End-of-epoch update: the robust threshold of this epoch's losses, smoothed as
+def mean_std_threshold(losses: torch.Tensor, z: float) -> float:
+    """mean(L) + z * std(L), std with divisor n (a single loss gives its own value): the
+    non-robust counterpart of :func:`robust_threshold` (the same value for normal losses)."""
+    values = losses.detach().double().flatten().cpu()
+    if values.numel() == 0:
+        raise ValueError("mean_std_threshold needs at least one loss")
+    return float(values.mean() + z * values.std(correction=0))
+
+
+def quantile_threshold(losses: torch.Tensor, q: float) -> float:
+    """The q-th quantile of L (linear interpolation): a fixed share 1 - q of the collected losses
+    lies above tau, whatever their spread."""
+    values = losses.detach().double().flatten().cpu()
+    if values.numel() == 0:
+        raise ValueError("quantile_threshold needs at least one loss")
+    return float(torch.quantile(values, q))
+
+
+def threshold(
+    losses: torch.Tensor, z: float, statistic: str = "median_mad", quantile: float = 0.9
+) -> float:
+    """tau from collected losses with the configured statistic (``TAU_STATISTICS``)."""
+    if statistic == "median_mad":
+        return robust_threshold(losses, z)
+    if statistic == "mean_std":
+        return mean_std_threshold(losses, z)
+    if statistic == "quantile":
+        return quantile_threshold(losses, quantile)
+    raise ValueError(f"unknown tau statistic {statistic!r}")
+
+
+def next_tau(
+    old: float,
+    losses: torch.Tensor,
+    z: float,
+    momentum: float = 0.0,
+    statistic: str = "median_mad",
+    quantile: float = 0.9,
+) -> float:
+    """End-of-epoch update: the threshold of this epoch's losses, smoothed as
     ``m * old + (1 - m) * new``. With no loss collected (nothing classified correctly) tau stays."""
     if losses.numel() == 0:
         return old
-    return momentum * old + (1.0 - momentum) * robust_threshold(losses, z)
+    return momentum * old + (1.0 - momentum) * threshold(losses, z, statistic, quantile)
 
 
 def update_radii(

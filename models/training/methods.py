@@ -201,6 +201,7 @@ class DPAAT(Method):
         self.state = dpaat.AdaptiveEpsState.create(
             num_train, cfg.step_delta, cfg.eps_min, cfg.eps_max, self.initial_tau(start)
         )
+        self.batch_taus: list[float] = []  # tau_update = "batch": the tau each batch used
 
     def initial_tau(self, tau: float) -> float | None:
         return tau
@@ -240,6 +241,11 @@ class DPAAT(Method):
         with attack_mode(model):
             dist = self.distance(model, x, y, broken & ok, observer.first, criterion)
         self.state.record_batch(broken, per_sample_ce(clean, y)[ok] if self.updates_tau else None)
+        if self.updates_tau and cfg.tau_update == "batch" and self.state.tau is not None:
+            # the epoch's estimate so far, from the tau the epoch started with: after the last
+            # batch it is exactly the value the per-epoch update would compute
+            self.batch_taus.append(self.state.tau)
+            self.state.tau = self.next_tau(self.state.tau_history[-1])
         new_eps = self.update(eps_now.to(x.device), ok, broken, dist)
         dpaat.scatter_first(self.state.eps, idx.cpu(), new_eps.cpu())
         adv_logits = adv if adv is not None else observer.last_logits
@@ -276,11 +282,19 @@ class DPAAT(Method):
         st, c = self.state, self.cfg
         losses = st.collected_losses()
         tau_used = st.tau
+        batch_taus = self.batch_taus
+        if batch_taus:
+            tau_used = batch_taus[0]  # the epoch's first tau, as with the per-epoch update
         if self.updates_tau and st.tau is not None:
-            st.tau = dpaat.next_tau(st.tau, losses, c.z, c.tau_momentum)
+            st.tau = self.next_tau(st.tau_history[-1] if batch_taus else st.tau)
             st.tau_history.append(st.tau)
         record = {
             "tau": tau_used,
+            **(
+                {"tau_batches": {"min": min(batch_taus), "max": max(batch_taus)}}
+                if batch_taus
+                else {}
+            ),
             "tau_next": st.tau,
             "collected": int(losses.numel()),
             "broken_frac": st.broken / max(st.seen, 1),
@@ -288,7 +302,20 @@ class DPAAT(Method):
             "eps_hist": dpaat.eps_histogram(st.eps, c.eps_min, c.eps_max),
         }
         st.reset_epoch()
+        self.batch_taus = []
         return record
+
+    def next_tau(self, old: float) -> float:
+        """tau from the losses collected so far this epoch, smoothed against ``old``."""
+        c = self.cfg
+        return dpaat.next_tau(
+            old,
+            self.state.collected_losses(),
+            c.z,
+            c.tau_momentum,
+            c.tau_statistic,
+            c.tau_quantile,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict()

@@ -139,10 +139,16 @@ def prepare(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def reference_tau(
-    model: nn.Module, data: TensorImageDataset, z: float, device: torch.device
+    model: nn.Module,
+    data: TensorImageDataset,
+    z: float,
+    device: torch.device,
+    statistic: str = "median_mad",
+    quantile: float = 0.9,
 ) -> tuple[float, int]:
-    """amat_external's fixed criterion: median + z * 1.4826 * MAD of the reference model's clean CE
-    on the correctly classified samples of ``data`` (the validation part). Returns (tau, count)."""
+    """amat_external's fixed criterion: median + z * 1.4826 * MAD (or the configured statistic) of
+    the reference model's clean CE on the correctly classified samples of ``data`` (the validation
+    part). Returns (tau, count)."""
     model.to(device).eval()
     kept = []
     with torch.no_grad():
@@ -156,10 +162,13 @@ def reference_tau(
         raise ValueError(
             "amat_external: the reference model classifies no validation sample correctly"
         )
-    return dpaat.robust_threshold(losses, z), int(losses.numel())
+    return dpaat.threshold(losses, z, statistic, quantile), int(losses.numel())
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    # a field added after the checkpoint was written counts as its default (the old behaviour)
+    defaults = TrainConfig().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted((set(saved) | set(now)) - set(RESUME_MAY_DIFFER))
     return [
         f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
@@ -462,5 +471,7 @@ def external_reference(
             f"reference model classes {info['classes']} differ from the data's "
             f"{list(bundle.classes)}"
         )
-    tau, count = reference_tau(model, bundle.val, cfg.z, device)
+    tau, count = reference_tau(
+        model, bundle.val, cfg.z, device, cfg.tau_statistic, cfg.tau_quantile
+    )
     return {"checkpoint": str(path), "sha256": sha256_file(path), "tau": tau, "val_samples": count}
