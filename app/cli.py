@@ -41,8 +41,25 @@ def demo_cmd(
     raise typer.Exit(run_demo(out=out, data=data, epochs=epochs, limit=limit))
 
 
+# Packages that only the `ml` / `server` extras install: a client-only install (`dpaat[client]`)
+# lists every command, and one of these missing means "install the extra", not a traceback.
+_EXTRA_PACKAGES = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "fastapi"}
+_EXTRA_PACKAGES |= {"uvicorn", "sqlalchemy", "alembic", "celery", "redis", "psycopg"}
+
+
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _EXTRA_PACKAGES:
+            raise
+        typer.echo(
+            f"error: this command needs the full install (no module named {e.name!r}): "
+            "pip install 'dpaat[server]'; the client extra has only `dpaat audit` and "
+            "`dpaat compare`",
+            err=True,
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

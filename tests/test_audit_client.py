@@ -105,6 +105,26 @@ def test_the_cli_imports_no_server_or_ml_package() -> None:
     assert "imported: []" in result.stderr
 
 
+def test_ml_commands_without_torch_say_which_extra_to_install() -> None:
+    """A client-only install (no torch) lists `dpaat train`; running it: one error line, exit 2."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "sys.argv = ['dpaat', 'train', '--limit', '16']\n"
+        "from app.cli import main\n"
+        "main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'dpaat[server]'" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_ci_examples_install_the_client_run_the_audit_and_keep_the_files() -> None:
     import yaml
 
