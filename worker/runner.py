@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings, get_settings
-from app.db.session import session_scope
+from app.db.session import DATABASE_DOWN, session_scope
 from app.db.tables import Artifact, Job, Model
 from app.services import job_params, jobs, models_registry
 from app.services.errors import Invalid, NotFound
@@ -28,6 +30,11 @@ if TYPE_CHECKING:  # worker.hooks imports models (torch): only inside a task, ne
     from worker.hooks import JobHooks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long a finished run keeps retrying its final transaction while the database is away. The
+# work is done and on disk: waiting out a database restart beats a re-queue that reloads it.
+SETTLE_RETRY_SECONDS = 120.0
 
 # Config keys that name server files: only the server sets them, from the job's dataset/model.
 REPORT_FILES = (
@@ -116,6 +123,21 @@ def _record_checkpoint(session: Session, job_id: str, store: ArtifactStore) -> N
     session.commit()
 
 
+def _settle(job_id: str, transaction: Callable[[], T]) -> T:
+    """Run the final transaction of a run, retried (with backoff) while the database is down."""
+    deadline = time.monotonic() + SETTLE_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            return transaction()
+        except DATABASE_DOWN as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: database unavailable while settling, retrying: %s", job_id, e)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 def _fail(job_id: str, holder: str, error: BaseException) -> str:
     log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(error)))
     message = error.message if isinstance(error, Invalid | NotFound) else f"{error}"
@@ -149,29 +171,33 @@ def run_train_job(job_id: str, holder: str, settings: Settings | None = None) ->
                 "resumed_from_epoch": (hooks.first_epoch or result.epochs_done + 1) - 1,
                 "epochs_this_run": hooks.epochs_this_run,
             }
-            with session_scope() as session:
-                _record_missing_epochs(session, job_id, result.history)
-                job = jobs.get_job(session, job_id)
-                model = models_registry.register_trained_model(
-                    session,
-                    job,
-                    result.checkpoint,
-                    result.model_info,
-                    checkpoint_sha256=result.checkpoint_sha256,
-                    store=store,
-                )
-                summary = {
-                    "model_id": model.id,
-                    "checkpoint_uri": model.weights_uri,
-                    "checkpoint_sha256": result.checkpoint_sha256,
-                    "epochs_done": result.epochs_done,
-                    "final": result.history[-1] if result.history else {},
-                    **run,
-                }
-                if not jobs.finish_job(session, job_id, holder, summary):
-                    return "lease_lost"
-            log.info("job %s: succeeded (model %s)", job_id, model.id)
-            return "succeeded"
+
+            def finish() -> str:
+                with session_scope() as session:
+                    _record_missing_epochs(session, job_id, result.history)
+                    job = jobs.get_job(session, job_id)
+                    model = models_registry.register_trained_model(
+                        session,
+                        job,
+                        result.checkpoint,
+                        result.model_info,
+                        checkpoint_sha256=result.checkpoint_sha256,
+                        store=store,
+                    )
+                    summary = {
+                        "model_id": model.id,
+                        "checkpoint_uri": model.weights_uri,
+                        "checkpoint_sha256": result.checkpoint_sha256,
+                        "epochs_done": result.epochs_done,
+                        "final": result.history[-1] if result.history else {},
+                        **run,
+                    }
+                    if not jobs.finish_job(session, job_id, holder, summary):
+                        return "lease_lost"
+                log.info("job %s: succeeded (model %s)", job_id, model.id)
+                return "succeeded"
+
+            return _settle(job_id, finish)
         except Exception as e:
             if hooks.stop_reason == "lease_lost":
                 return "lease_lost"
@@ -210,22 +236,26 @@ def run_evaluate_job(job_id: str, holder: str, settings: Settings | None = None)
             if hooks.stop_reason is not None:
                 return _finish_stop(job_id, holder, hooks.stop_reason, store)
             files = {name: out_dir / name for name in REPORT_FILES if (out_dir / name).is_file()}
-            with session_scope() as session:
-                job = jobs.get_job(session, job_id)
-                evaluation = models_registry.register_evaluation(
-                    session, job, model_id, report, files, store=store
-                )
-                summary = {
-                    "evaluation_id": evaluation.id,
-                    "model_id": model_id,
-                    "verdict": report.get("verdict"),
-                    "curve_auc": report.get("curve_auc"),
-                    "clean_accuracy": (report.get("clean") or {}).get("accuracy"),
-                }
-                if not jobs.finish_job(session, job_id, holder, summary):
-                    return "lease_lost"
-            log.info("job %s: evaluation %s stored", job_id, evaluation.id)
-            return "succeeded"
+
+            def finish() -> str:
+                with session_scope() as session:
+                    job = jobs.get_job(session, job_id)
+                    evaluation = models_registry.register_evaluation(
+                        session, job, model_id, report, files, store=store
+                    )
+                    summary = {
+                        "evaluation_id": evaluation.id,
+                        "model_id": model_id,
+                        "verdict": report.get("verdict"),
+                        "curve_auc": report.get("curve_auc"),
+                        "clean_accuracy": (report.get("clean") or {}).get("accuracy"),
+                    }
+                    if not jobs.finish_job(session, job_id, holder, summary):
+                        return "lease_lost"
+                log.info("job %s: evaluation %s stored", job_id, evaluation.id)
+                return "succeeded"
+
+            return _settle(job_id, finish)
         except Exception as e:
             from worker.hooks import JobStopped
 

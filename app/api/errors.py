@@ -11,23 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db.session import DATABASE_DOWN
 from app.services import errors
 
 log = logging.getLogger(__name__)
 
 # Seconds a client should wait before retrying a 503 (a database or broker blip is short).
 RETRY_AFTER_SECONDS = 5
-# What the driver raises when the database cannot be reached or dropped the connection (not a
-# bad query: those are ProgrammingError/IntegrityError and stay 500s, they are our bugs).
-DATABASE_DOWN: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,  # the pool had no connection to give within its timeout
-)
 
 STATUS_OF: dict[type[errors.ServiceError], int] = {
     errors.Unauthenticated: 401,

@@ -9,9 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+# What the driver raises when the database cannot be reached or dropped the connection (not a
+# bad query: those are ProgrammingError/IntegrityError and stay 500s, they are our bugs).
+DATABASE_DOWN: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the pool had no connection to give within its timeout
+)
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
