@@ -14,7 +14,6 @@ import asyncio
 import io
 import json
 import pickle
-import stat
 import struct
 import tarfile
 import zipfile
@@ -29,6 +28,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
+from test_api import zip_bytes
 
 from app.core.settings import Settings
 from app.db.migrate import upgrade
@@ -80,18 +80,6 @@ def bomb_png_real(side: int = 5200) -> bytes:
     """A real 27 Mpx image in ~4 KB: over our limit, under Pillow's own (89 Mpx, a warning)."""
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def zip_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-        for name, target in (symlinks or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
     return buf.getvalue()
 
 
