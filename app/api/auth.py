@@ -94,8 +94,8 @@ def flat_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
     return [context.original_route for context in iter_route_contexts(routes)]
 
 
-def _match(scope: Scope) -> BaseRoute | None:
-    for route in flat_routes(scope["app"].routes):
+def _match(routes: Sequence[BaseRoute], scope: Scope) -> BaseRoute | None:
+    for route in routes:
         match, _child = route.matches(scope)
         if match == Match.FULL:
             return route
@@ -120,13 +120,16 @@ class AuthMiddleware:
         self.app = app
         self.settings = settings
         self.factory = factory
+        self._routes: list[BaseRoute] | None = None  # flattened once: routes are fixed at start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
-        route = _match(scope)
+        if self._routes is None:
+            self._routes = flat_routes(scope["app"].routes)
+        route = _match(self._routes, scope)
         if route is not None:
             scope["route"] = route  # metrics label refusals with the route template too
         template = getattr(route, "path", None) or scope["path"]
