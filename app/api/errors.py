@@ -69,22 +69,25 @@ async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as strings: strict JSON cannot carry them, and a 422 that
-    echoes a client's ``Infinity`` must not turn into a 500 while it is rendered."""
+def _printable(value: Any) -> Any:
+    """``value`` as strict JSON can carry it: NaN and infinities as strings, bytes decoded with
+    replacement. A 422 echoes the client's input (``Infinity``, a non-UTF-8 body) and must not
+    turn into a 500 while it is rendered."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _printable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [_printable(v) for v in value]
     return value
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 body (``{"detail": [errors]}``), safe for any input the client sent."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+    return JSONResponse({"detail": jsonable_encoder(_printable(exc.errors()))}, status_code=422)
 
 
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:
