@@ -117,6 +117,25 @@ def test_resume_after_a_stop_is_bit_exact(data: DataBundle, tmp_path: Path) -> N
     assert again.status == "completed" and again.checkpoint_sha256 == resumed.checkpoint_sha256
 
 
+def test_onecycle_warms_up_within_the_epoch_and_resumes_bit_exact(
+    data: DataBundle, tmp_path: Path
+) -> None:
+    cfg = quick(method="standard", epochs=3, batch_size=16, scheduler="onecycle", lr=0.08)
+    straight = train(cfg, tmp_path / "straight", data=data)
+    lrs = [r["lr"] for r in straight.history]  # the lr each epoch started with
+    # per-batch steps: a low start (max_lr / 25), the peak inside the run, and an end far below
+    assert lrs[0] == pytest.approx(0.08 / 25)
+    assert lrs[1] > lrs[0] and lrs[1] > lrs[2]
+    hooks = Recorder(stop_at=(2, 2))
+    assert train(cfg, tmp_path / "resumed", hooks, data=data).status == "stopped"
+    resumed = train(cfg, tmp_path / "resumed", data=data)
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    per_epoch = hooks.steps[0][2]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3 * per_epoch
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_stop_before_the_first_epoch_leaves_a_valid_checkpoint(
     data: DataBundle, tmp_path: Path
 ) -> None:

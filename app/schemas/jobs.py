@@ -47,7 +47,7 @@ class TrainHyperParams(BaseModel):
     lr: float = Field(default=0.05, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0, le=1)
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "onecycle", "none"] = "cosine"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     eps_max: float = Field(
         default=8.0, ge=0, le=EPS_LIMIT, description="Largest radius, 1/255 units (8 = 8/255)."

@@ -18,7 +18,8 @@ METHODS: tuple[str, ...] = ("standard", "pgd_at", "trades", "dpaat", "amat_exter
 # methods that keep one radius per training sample (and log tau / eps histograms)
 PER_SAMPLE_EPS_METHODS: tuple[str, ...] = ("dpaat", "amat_external", "iaat_flip")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
-SCHEDULERS: tuple[str, ...] = ("cosine", "none")
+# cosine: per epoch; onecycle: per batch, warm-up over the first 30 % (Smith & Topor 2019), peak lr
+SCHEDULERS: tuple[str, ...] = ("cosine", "onecycle", "none")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # DPAAT's criterion tau from the collected losses L (docs/decisions/training.md):
 # median + z * 1.4826 * MAD (the spec), mean + z * std, or the tau_quantile-th quantile (z unused)
@@ -45,7 +46,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # cosine | none
+    scheduler: str = "cosine"  # cosine | onecycle | none
     seed: int = 0
     eps_max: float = 8.0  # ALL eps in config are in 1/255 units
     eps_min: float = 0.0

@@ -199,11 +199,8 @@ class Run:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = self.make_optimizer()
-        self.scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
-            if cfg.scheduler == "cosine"
-            else None
-        )
+        self.steps_per_epoch = len(batching.batches(torch.arange(len(train)), cfg.batch_size))
+        self.scheduler = self.make_scheduler()
         weight = batching.class_weights(train.labels, k).to(device) if cfg.class_weights else None
         tau = None if reference is None else float(reference["tau"])
         self.method: Method = make_method(cfg, len(train), k, weight, tau)
@@ -229,6 +226,22 @@ class Run:
         if c.optimizer == "adam":
             return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """``cosine`` steps once per epoch; ``onecycle`` once per batch (its warm-up matters in
+        the first epoch, when a per-epoch step would be too coarse)."""
+        c = self.cfg
+        if c.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs)
+        if c.scheduler == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer,
+                max_lr=c.lr,
+                epochs=c.epochs,
+                steps_per_epoch=self.steps_per_epoch,
+                pct_start=0.3,
+            )
+        return None
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> dict[str, Any]:
@@ -315,6 +328,9 @@ class Run:
                     out = self.method.batch(self.model, x, y, idx, attack_gen)
                 out.loss.backward()
                 self.optimizer.step()
+                if cfg.scheduler == "onecycle":
+                    assert self.scheduler is not None
+                    self.scheduler.step()
                 loss = float(out.loss.detach())
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -335,7 +351,7 @@ class Run:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - start
-        if self.scheduler is not None:
+        if self.scheduler is not None and cfg.scheduler != "onecycle":
             self.scheduler.step()
         extra = self.method.end_epoch()
         val = clean_metrics(self.model, self.bundle.val, device, cfg.bf16, cfg.channels_last)
