@@ -258,6 +258,49 @@ def test_dpaat_batch_step_expands_shrinks_and_keeps() -> None:
     assert method.state.tau_history[-1] == record["tau_next"]
 
 
+class BNRamp(nn.Module):
+    """Ramp behind a BatchNorm: in eval mode with its initial statistics (mean 0, var 1 - eps) the
+    class-1 logit is exactly Ramp's u; a train-mode forward moves the running mean towards the
+    batch mean (momentum 0.9), which shifts every eval-mode logit down by about that mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(1, affine=False, momentum=0.9)
+        self.bn.running_var.fill_(1.0 - self.bn.eps)
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = 255.0 * (x.flatten(1).sum(1, keepdim=True) - 0.5)
+        u = self.bn(v).squeeze(1) + self.b
+        return torch.stack([torch.zeros_like(u), u], dim=1)
+
+
+def test_shrink_uses_the_attacked_function_under_batchnorm_with_per_sample_radii() -> None:
+    """Each sample is attacked within its own radius, and the bisection measures the boundary on
+    the statistics the attack saw, not on those the training forward moved them to."""
+    tau = 0.5
+    u_star = math.log(math.exp(tau) - 1)  # softplus(u) > tau beyond here (about -0.43)
+    method = adaptive(n=4)
+    method.state.tau = tau
+    radii = torch.tensor([1.0, 6.0, 4.0, 3.0])
+    method.state.eps[:] = radii
+    # B1 needs 1.57/255 to break but may only move 1/255; B2 and B3 break within their radii;
+    # D (label 1, far on its side) drags the batch mean, hence the running mean, up by ~9.
+    x = torch.tensor([[at(-2.0)], [at(-2.0)], [at(-1.0)], [at(40.0)]])
+    y = torch.tensor([0, 0, 0, 1])
+    model = BNRamp().train()
+    method.batch(model, x, y, torch.arange(4), torch.Generator().manual_seed(0))
+    eps = method.state.eps
+    assert eps[0].item() == pytest.approx(2.0)  # B1: not broken at its own radius: expanded
+    assert eps[3].item() == pytest.approx(4.0)  # D: expanded
+    for i, u0 in ((1, -2.0), (2, -1.0)):  # B2, B3: half-way to the boundary of the eval function
+        d = u_star - u0
+        r = radii[i].item()
+        assert (r + d) / 2 - 1e-4 <= eps[i].item() <= (r + d + r / 32) / 2 + 1e-4, (i, eps[i])
+    # the training forwards' update of the running statistics is kept (batch means ~9 and more)
+    assert model.bn.running_mean.item() > 5.0
+
+
 class ModeRecorder(Ramp):
     """Ramp that records, for every forward pass, (train mode?, weights trainable under grad?)."""
 

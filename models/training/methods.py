@@ -17,6 +17,8 @@ random start drawn from the epoch's seeded generator. The training forward then 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,6 +71,34 @@ def mixed_loss(
     if adv is not None:
         loss = loss + beta * weighted_ce(adv, y, weight)
     return loss, clean, adv
+
+
+Buffers = list[tuple[nn.Module, str, torch.Tensor]]
+
+
+def buffers_snapshot(model: nn.Module) -> Buffers:
+    """Copies of the model's buffers (BatchNorm running statistics): what eval mode computes with."""
+    return [
+        (m, name, b.detach().clone())
+        for m in model.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+
+
+@contextmanager
+def buffers_restored(saved: Buffers) -> Iterator[None]:
+    """Run with the buffers of ``saved`` in place, then put the current ones back: the training
+    forward's update of the running statistics is kept, not undone. The tensors are swapped, not
+    copied into: autograd has saved the current ones for the backward pass."""
+    current = [(m, name, m._buffers[name]) for m, name, _ in saved]
+    for m, name, b in saved:
+        m._buffers[name] = b
+    try:
+        yield
+    finally:
+        for m, name, b in current:
+            m._buffers[name] = b
 
 
 class Method:
@@ -229,6 +259,7 @@ class DPAAT(Method):
             x_adv = pgd_steps(
                 model, x, y, eps, k, alpha, init=init, observer=observer, observe_last=True
             )
+        attacked = buffers_snapshot(model)  # the eval-mode function the attack saw
         loss, clean, adv = mixed_loss(model, x, x_adv, y, cfg.beta, self.class_weight)
         if clean is None:  # beta = 1: the update rules still need the clean prediction
             with attack_mode(model), torch.no_grad():
@@ -237,8 +268,10 @@ class DPAAT(Method):
         ok = clean.argmax(1) == y
         broken = observer.broken
         # The distance is only used by the shrink rule (clean-correct and broken), so the bisection
-        # runs after the training forward, on those samples only.
-        with attack_mode(model):
+        # runs after the training forward, on those samples only; but that forward moved the
+        # BatchNorm running statistics, so the bisection runs on the attack's buffers (spec, rule
+        # 1: it must see exactly the function the attack saw, else x + p may no longer break).
+        with attack_mode(model), buffers_restored(attacked):
             dist = self.distance(model, x, y, broken & ok, observer.first, criterion)
         self.state.record_batch(broken, per_sample_ce(clean, y)[ok] if self.updates_tau else None)
         if self.updates_tau and cfg.tau_update == "batch" and self.state.tau is not None:
