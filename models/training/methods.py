@@ -77,7 +77,7 @@ Buffers = list[tuple[nn.Module, str, torch.Tensor]]
 
 
 def buffers_snapshot(model: nn.Module) -> Buffers:
-    """Copies of the model's buffers (BatchNorm running statistics): what eval mode computes with."""
+    """Copies of the buffers (BatchNorm running statistics): what eval mode computes with."""
     return [
         (m, name, b.detach().clone())
         for m in model.modules()
