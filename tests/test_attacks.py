@@ -22,7 +22,7 @@ from models.attacks import (
     per_sample_ce,
     pgd_steps,
 )
-from models.attacks.apgd import checkpoints, dlr_loss, targeted_dlr_loss
+from models.attacks.apgd import apgd_run, checkpoints, dlr_loss, halve_step, targeted_dlr_loss
 from models.attacks.base import attack_mode
 from models.attacks.square import p_fraction
 from models.data import synthetic_dataset
@@ -267,6 +267,43 @@ def test_apgd_checkpoints_follow_the_paper() -> None:
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     assert checkpoints(10) == [3, 5, 6, 7, 8, 9]
     assert checkpoints(1) == []
+
+
+class Slope(nn.Module):
+    """Two classes, class-1 logit 255 * (mean(x) - 0.5): for label 0 the CE grows with x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = 255.0 * self.w * (x.flatten(1).mean(1) - 0.5)
+        return torch.stack([torch.zeros_like(u), u], dim=1)
+
+
+def test_apgd_first_step_is_twice_eps() -> None:
+    """From the lower corner of the ball, APGD's first step (eta = 2 eps) reaches the far corner:
+    with eta = eps it would stop at the centre."""
+    model = Slope()
+    x = torch.full((2, 1, 2, 2), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    eps = torch.tensor([4.0, 1.0]) / 255
+    init = -eps.view(-1, 1, 1, 1).expand_as(x)
+    with attack_mode(model):
+        x_best, *_ = apgd_run(model, x, y, eps, 1, per_sample_ce, init)
+    torch.testing.assert_close(x_best, x + eps.view(-1, 1, 1, 1))
+
+
+def test_apgd_halves_when_either_condition_holds() -> None:
+    """Croce & Hein: halve when the loss rose in fewer than rho of the steps since the last
+    checkpoint OR (not halved last time and no improvement of the best loss)."""
+    n_up = torch.tensor([1.0, 5.0, 1.0, 5.0])  # of 6 steps: 1 < 0.75 * 6 (oscillating), 5 not
+    halved_before = torch.tensor([False, False, False, True])
+    best = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    best_at_mark = torch.tensor([1.0, 1.0, 1.0, 1.0])  # sample 0 improved; 1, 2 and 3 did not
+    halve = halve_step(n_up, 6, 0.75, halved_before, best, best_at_mark)
+    # oscillating only; stalled only; both; neither (stalled but halved at the last checkpoint)
+    assert halve.tolist() == [True, True, True, False]
 
 
 def test_dlr_losses_on_hand_made_logits() -> None:

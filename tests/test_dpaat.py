@@ -485,3 +485,37 @@ def test_default_tau_settings_change_nothing_and_the_others_reach_the_trainer(
     assert taus["mean_std"] != taus["none"]
     # the third epoch trains on radii that the batch-wise criterion moved: other weights
     assert any(not torch.equal(weights["none"][k], weights["batch"][k]) for k in weights["none"])
+
+
+# --------------------------------------------------------------------------- baselines
+class TrainInputs(Ramp):
+    """Ramp that keeps the input of every train-mode forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+def test_trades_loss_is_ce_plus_beta_kl_of_clean_to_adversarial() -> None:
+    """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)), batch mean, recomputed by hand."""
+    cfg = TrainConfig(method="trades", eps_max=8.0, pgd_steps=3, trades_beta=6.0)
+    method = make_method(cfg, num_train=3, num_classes=2)
+    x = torch.tensor([[at(-1.0)], [at(0.5)], [at(2.0)]])
+    y = torch.tensor([0, 0, 1])
+    model = TrainInputs().train()
+    out = method.batch(model, x, y, torch.arange(3), torch.Generator().manual_seed(0))
+    clean_in, adv_in = model.inputs
+    assert torch.equal(clean_in, x) and not torch.equal(adv_in, x)
+    with torch.no_grad():
+        p = F.softmax(model(x), dim=1)
+        q = F.softmax(model(adv_in), dim=1)
+        ce = F.cross_entropy(model(x), y)
+    kl_pq = (p * (p.log() - q.log())).sum(1).mean()
+    kl_qp = (q * (q.log() - p.log())).sum(1).mean()
+    assert abs(float(kl_pq - kl_qp)) > 1e-3  # the two directions differ on this batch
+    torch.testing.assert_close(out.loss.detach(), ce + 6.0 * kl_pq)

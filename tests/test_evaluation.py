@@ -208,6 +208,29 @@ def test_grad_cam_shape_range_and_leaves_model_alone(trained) -> None:
     assert not torch.allclose(other, cam, atol=1e-2)
 
 
+class SignedMap(nn.Module):
+    """cam_layer outputs x - 0.5 (1 channel): positive on bright pixels, negative on dark ones;
+    class 0's logit is its mean, class 1's the opposite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cam_layer = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.cam_layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.cam_layer(x - 0.5).mean(dim=(2, 3))
+        return torch.cat([pooled, -pooled], dim=1)
+
+
+def test_grad_cam_keeps_only_positive_evidence() -> None:
+    """ReLU, not |.|: the dark half counts against class 0 and must get no CAM mass."""
+    x = torch.full((1, 1, 8, 8), 0.25)
+    x[..., :4] = 1.0  # left half bright: mean(x - 0.5) > 0, so class 0 is predicted
+    cam = grad_cam(SignedMap(), x, batch_size=1)
+    assert torch.allclose(cam[0, 1:-1, :3], torch.ones(6, 3))  # away from the interpolated edge
+    assert torch.equal(cam[0, :, 5:], torch.zeros(8, 3))
+
+
 def test_grad_cam_removes_hook_on_error(trained) -> None:
     model, _ = trained
     hooks = _hook_count(model)

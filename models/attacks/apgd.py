@@ -61,6 +61,22 @@ def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) ->
     return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _DLR_EPS)
 
 
+def halve_step(
+    n_up: torch.Tensor,
+    since_mark: int,
+    rho: float,
+    halved_at_mark: torch.Tensor,
+    best_loss: torch.Tensor,
+    best_at_mark: torch.Tensor,
+) -> torch.Tensor:
+    """Croce & Hein's rule at a checkpoint, per sample: halve the step when (1) the loss rose in
+    fewer than ``rho`` of the ``since_mark`` steps since the last checkpoint, OR (2) the step was
+    not halved at the last checkpoint and the best loss has not improved since."""
+    oscillating = n_up < rho * since_mark
+    stalled = ~halved_at_mark & (best_loss <= best_at_mark)
+    return oscillating | stalled
+
+
 def apgd_run(
     model: nn.Module,
     x: torch.Tensor,
@@ -132,9 +148,8 @@ def apgd_run(
         grad_best = torch.where(view(better, x), grad, grad_best)
         best_loss = torch.where(better, loss, best_loss)
         if k + 1 in marks:
-            oscillating = n_up < rho * (k + 1 - last_mark)
-            stalled = ~halved_at_mark & (best_loss <= best_at_mark)
-            halve = oscillating | stalled
+            since = k + 1 - last_mark
+            halve = halve_step(n_up, since, rho, halved_at_mark, best_loss, best_at_mark)
             eta = torch.where(halve, eta / 2, eta)
             # restart from the best point, without momentum
             x_k = torch.where(view(halve, x), x_best, x_k)
