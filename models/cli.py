@@ -59,6 +59,21 @@ def parse_eps(text: str) -> list[float]:
 FULL_SIZE = {"image_size": 224, "arch": "resnet50", "batch_size": 32, "pgd_steps": 10}
 
 
+def _epoch_lines() -> Any:
+    """Hooks printing one line per epoch on stderr when it is not a terminal (a run under nohup or
+    in CI shows its progress as it goes; on a terminal the progress bar does). Built on call: the
+    training package imports torch, which a client-only install lacks."""
+    from models.training import TrainingHooks
+    from models.training.trainer import summary
+
+    class EpochLines(TrainingHooks):
+        def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+            if not sys.stderr.isatty():
+                print(f"epoch {epoch}: {summary(record)}", file=sys.stderr, flush=True)
+
+    return EpochLines()
+
+
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Run directory (checkpoint.pt, history.json).")] = Path(
         "runs/train"
@@ -109,13 +124,16 @@ def train_cmd(
         if root is not None:
             fields["manifest"] = str(manifest or fields.get("manifest") or out / "split.json")
         fields.update(parse_overrides(set_ or []))
-        result = train(fields, out)
+        result = train(fields, out, hooks=_epoch_lines())
         typer.echo(
             json.dumps(
                 {
                     "status": result.status,
                     "checkpoint": result.checkpoint,
                     "sha256": result.checkpoint_sha256,
+                    "best_checkpoint": result.best_checkpoint,
+                    "best_epoch": result.best_epoch,
+                    "best_by": result.best_by,
                     "epochs": result.epochs_done,
                     "last_epoch": result.history[-1] if result.history else None,
                 },
@@ -136,16 +154,21 @@ def evaluate_cmd(
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     eps: Annotated[str, typer.Option(help="Radii in 1/255 units.")] = "0,0.5,1,2,4,8",
     attacks: Annotated[
-        str, typer.Option(help="quick (FGSM+PGD-10), full (+APGD-CE/T, Square) or a JSON list.")
+        str,
+        typer.Option(
+            help="Preset: quick (FGSM+PGD-10), default (+APGD-CE/T, Square, reduced budgets), "
+            "full (AutoAttack's budgets, cascaded), autoattack (torchattacks' reference); "
+            "or a JSON list of attack specs."
+        ),
     ] = "quick",
     gradcam: Annotated[bool, typer.Option(help="Grad-CAM lesion focus.")] = True,
 ) -> None:
     """Evaluate a checkpoint: clean and robust metrics, checks, report (JSON, Markdown, PNG)."""
     with user_errors():
-        from models.api import DEFAULT_ATTACKS, QUICK_ATTACKS, evaluate, report_summary
+        from models.api import evaluate, report_summary
+        from models.presets import expand
 
-        presets = {"quick": QUICK_ATTACKS, "full": DEFAULT_ATTACKS}
-        attack_list = presets[attacks] if attacks in presets else json.loads(attacks)
+        attack_list = expand(attacks) or json.loads(attacks)
         report = evaluate(
             checkpoint,
             out,

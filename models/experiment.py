@@ -506,7 +506,8 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
     if trained.status != "completed":
         raise RuntimeError(f"training ended with status {trained.status!r}")
 
-    model, info = load_trained_model(trained.checkpoint)
+    model, info = load_trained_model(trained.best_checkpoint)
+    log(f"[{unit.key}] evaluating epoch {trained.best_epoch} (best by {trained.best_by})")
     log(f"[{unit.key}] evaluating on {len(ctx.test)} test images")
     last: dict[str, int] = {}
 
@@ -525,7 +526,7 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
         attacks=exp.eval.attacks,
         batch_size=exp.eval.batch_size,
         gradcam=exp.eval.gradcam,
-        model_info={**info, "checkpoint_sha256": trained.checkpoint_sha256},
+        model_info={**info, "checkpoint_sha256": trained.best_checkpoint_sha256},
         dataset_info={
             "name": b.name,
             "split": "test",
@@ -550,7 +551,9 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
         "config_hash": digest,
         "train_config": cfg.to_dict(),
         "eval": exp.eval.to_dict(),
-        "checkpoint_sha256": trained.checkpoint_sha256,
+        "checkpoint_sha256": trained.best_checkpoint_sha256,
+        "best_epoch": trained.best_epoch,
+        "best_by": trained.best_by,
         "reference_checkpoint": reference,
         "history": trained.history,
         "timings": {

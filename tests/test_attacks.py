@@ -353,7 +353,7 @@ def test_square_is_black_box_and_respects_its_budget(
     trained: nn.Module, test_batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     x, y = test_batch[0][:16], test_batch[1][:16]
-    probe = _BlackBoxProbe(trained)
+    probe = _BlackBoxProbe(trained).eval()  # the attack restores this mode on ``trained`` too
     eps = torch.full((len(x),), 16 / 255)
     eps[0] = 0.0
     attack = Square(probe, n_queries=25, batch_size=10)
@@ -361,8 +361,8 @@ def test_square_is_black_box_and_respects_its_budget(
     q = attack.queries
     assert q is not None and q.shape == (len(x),)
     assert int(q.sum()) == probe.rows  # every forward pass is accounted for
-    assert int(q.max()) <= 25 and int(q.min()) >= 1
-    assert int(q[0]) == 1  # eps = 0: the clean query only
+    assert int(q.max()) <= 25 and int(q[1:].min()) >= 1
+    assert int(q[0]) == 0  # eps = 0: nothing to do, not even the clean query (the cascade's case)
     assert all(p.grad is None for p in trained.parameters())
     with torch.no_grad():
         wrong = trained(adv).argmax(1) != y
@@ -406,7 +406,7 @@ def test_square_schedule() -> None:
 # ---------------------------------------------------------------------------- registry
 def test_registry_builds_every_attack_and_describes_it() -> None:
     model = build_model("small_cnn", K)
-    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square"}
+    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack"}
     kinds = {"fgsm": FGSM, "pgd": PGD, "apgd-ce": APGDCE, "apgd-dlr": APGDDLR, "apgd-t": APGDT}
     for name, params in FAST.items():
         attack = make_attack(name, model, **params)
@@ -425,6 +425,23 @@ def test_registry_builds_every_attack_and_describes_it() -> None:
         "seed": 0,
     }
     assert make_attack("pgd", model, norm="l2").describe()["norm"] == "l2"
+
+
+def test_autoattack_reference_runs_through_our_interface(
+    trained: nn.Module, test_batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """torchattacks' AutoAttack behind our Attack: per-sample radii (0 leaves the input alone),
+    contiguous NCHW handed over whatever layout we use, and it breaks the fragile model."""
+    x, y = test_batch[0][:8], test_batch[1][:8]
+    eps = torch.full((8,), 16 / 255)
+    eps[0] = 0.0
+    attack = make_attack("autoattack", trained)
+    adv = attack(x, y, eps)
+    assert torch.equal(adv[0], x[0])
+    assert bool(((adv - x).abs().flatten(1).amax(1) <= eps + 1e-6).all())
+    assert _accuracy(trained, adv[1:], y[1:]) <= _accuracy(trained, x[1:], y[1:]) - 0.5
+    d = attack.describe()
+    assert d["name"] == "autoattack" and d["implementation"].startswith("torchattacks")
 
 
 def test_registry_rejects_unknown_names_and_parameters() -> None:

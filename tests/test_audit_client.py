@@ -74,6 +74,13 @@ def test_threshold_and_attack_syntax() -> None:
         {"name": "pgd", "steps": 10},
         {"name": "square", "n_queries": 300},
     ]
+    # presets expand without torch: AutoAttack's budgets with our attacks, or the reference
+    full = parse_attacks("full")
+    assert {"name": "apgd-t", "steps": 100} in full and {
+        "name": "square",
+        "n_queries": 5000,
+    } in full
+    assert parse_attacks("autoattack") == [{"name": "autoattack"}]
 
 
 def test_idempotency_key_follows_the_ci_run() -> None:

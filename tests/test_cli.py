@@ -36,6 +36,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     summary = json.loads(r.stdout)
     assert summary["status"] == "completed" and summary["epochs"] == 2
     assert "tau" in summary["last_epoch"] and "eps_hist" in summary["last_epoch"]
+    # not a terminal: one progress line per epoch as it ends (a run under nohup shows progress)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1", "epoch 2"] and "val_bacc=" in lines[0]
+    assert summary["best_by"] == "robust_val_bacc" and summary["best_epoch"] in (1, 2)
     return out / "checkpoint.pt"
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.attacks import FGSM, PGD
+from models.attacks import FGSM, PGD, make_attack, per_sample_ce
 from models.data import TensorImageDataset, load_bundle, synthetic_dataset, to_float
 from models.evaluation import (
     build_attack,
@@ -28,7 +28,7 @@ from models.evaluation import (
     write_report,
 )
 from models.evaluation import checks as ck
-from models.evaluation.evaluate import _labels, curve_auc
+from models.evaluation.evaluate import _labels, curve_auc, worst_case
 from models.nets import Classifier, build_model
 
 EPS = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -332,12 +332,21 @@ def test_check_monotone_and_budget() -> None:
 
 def test_check_iterative_vs_fgsm() -> None:
     names = {"fgsm": "fgsm", "pgd": "pgd", "square": "square"}
-    ok = {"fgsm": {0.0: 0.9, 2.0: 0.6}, "pgd": {0.0: 0.9, 2.0: 0.4}, "square": {0.0: 0.9, 2.0: 0.8}}
-    assert ck.check_iterative_vs_fgsm(ok, names, 100)["status"] == "pass"
-    weak = {**ok, "pgd": {0.0: 0.9, 2.0: 0.7}}
-    res = ck.check_iterative_vs_fgsm(weak, names, 100)
-    assert res["status"] == "fail" and "pgd" in res["detail"]
-    res = ck.check_iterative_vs_fgsm({"pgd": ok["pgd"]}, {"pgd": "pgd"}, 100)
+    t, f = True, False
+    ok = {
+        2.0: {
+            "pgd": torch.tensor([t, t, f, f]),
+            "fgsm": torch.tensor([t, f, f, f]),
+            "square": torch.tensor([f, f, t, f]),  # black-box: not this check's business
+        }
+    }
+    assert ck.check_iterative_vs_fgsm(ok, names, 4)["status"] == "pass"
+    weak = {2.0: {**ok[2.0], "fgsm": torch.tensor([t, f, t, t])}}  # fools 2 that PGD missed
+    res = ck.check_iterative_vs_fgsm(weak, names, 4)
+    assert res["status"] == "fail" and "2 sample" in res["detail"] and "2/255" in res["detail"]
+    one = {2.0: {**ok[2.0], "fgsm": torch.tensor([t, f, f, t])}}  # one sample: random-start noise
+    assert ck.check_iterative_vs_fgsm(one, names, 4)["status"] == "warn"
+    res = ck.check_iterative_vs_fgsm({2.0: {"pgd": ok[2.0]["pgd"]}}, {"pgd": "pgd"}, 4)
     assert res["status"] == "warn" and "not checked" in res["detail"]
 
 
@@ -463,14 +472,18 @@ def test_robust_numbers_are_consistent(evaluated, trained) -> None:
     assert report["clean"]["accuracy"] > 0.9 and accs[-1] < 0.6  # accurate, not robust
     for r in rows:  # the worst case is at least as strong as every single attack
         assert all(r["accuracy"] <= pa["accuracy"] + 1e-12 for pa in r["per_attack"].values())
-    # FGSM is deterministic: recompute its per-attack accuracy at 4/255 independently
+    # cascade order: PGD first on every clean-correct sample, then FGSM on PGD's survivors only;
+    # per-attack figures are cumulative, the last one is the worst case
+    assert report["threat_model"]["order"] == ["pgd", "fgsm"] and report["threat_model"]["cascade"]
+    at4 = report["robust"]["4"]
+    assert at4["per_attack"]["fgsm"]["accuracy"] == at4["accuracy"]
+    assert at4["per_attack"]["fgsm"]["attacked"] == round(at4["per_attack"]["pgd"]["accuracy"] * 96)
+    # FGSM is deterministic: recompute PGD's survivors it breaks independently
     x, y = to_float(test.images), test.labels
     adv = FGSM(model)(x, y, 4 / 255)
     with torch.no_grad():
-        ok = (model(adv).argmax(1) == y) & (model(x).argmax(1) == y)
-    assert report["robust"]["4"]["per_attack"]["fgsm"]["accuracy"] == pytest.approx(
-        float(ok.float().mean())
-    )
+        fgsm_ok = (model(adv).argmax(1) == y) & (model(x).argmax(1) == y)
+    assert at4["accuracy"] <= float(fgsm_ok.float().mean())
     pairs = zip(itertools.pairwise(EPS), itertools.pairwise(accs), strict=True)
     expected_auc = sum((e1 - e0) * (a0 + a1) / 2 for (e0, e1), (a0, a1) in pairs) / 8
     assert report["curve_auc"] == pytest.approx(expected_auc)
@@ -480,6 +493,35 @@ def test_robust_numbers_are_consistent(evaluated, trained) -> None:
                  "eps_zero_identity", "perturbation_budget", "large_eps_breaks_model"):  # fmt: skip
         assert by_name[name] == "pass", name
     assert by_name["black_box_not_stronger"] == "warn"  # no square attack in this run
+
+
+def test_cascade_gives_the_same_per_sample_outcome_in_less_work(trained) -> None:
+    """Every attack (random starts, restarts, targets, Square's random squares included) runs only
+    on the samples still robust, and each sample ends exactly as in the uncascaded run."""
+    model, test = trained
+    x, y = to_float(test.images[:48]), test.labels[:48]
+    specs = {
+        "pgd": {"name": "pgd", "steps": 3, "restarts": 2},
+        "apgd-ce": {"name": "apgd-ce", "steps": 4},
+        "fgsm": {"name": "fgsm"},
+        "square": {"name": "square", "n_queries": 30},
+    }
+    with torch.no_grad():
+        logits = model(x)
+    ok, loss, probs = logits.argmax(1) == y, per_sample_ce(logits, y), logits.softmax(1)
+    for eps in (4.0, 8.0):
+        runs = {}
+        for cascade in (False, True):
+            atk = {lbl: make_attack(model=model, **sp) for lbl, sp in specs.items()}
+            runs[cascade] = worst_case(model, atk, x, y, eps, ok, loss, probs, cascade)
+        plain, cas = runs[False], runs[True]
+        assert torch.equal(plain.broken, cas.broken), eps
+        assert 0 < int(cas.broken.sum()) < len(x)  # the comparison means something
+        for lbl in specs:
+            # the cascade only skips samples something had already fooled
+            assert not bool((cas.fooled[lbl] & ~plain.fooled[lbl]).any()), lbl
+        assert sum(cas.attacked.values()) < sum(plain.attacked.values())
+        assert cas.attacked["pgd"] == int(ok.sum())
 
 
 def test_progress_reports_stages_in_order(evaluated) -> None:

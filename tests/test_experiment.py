@@ -250,6 +250,8 @@ def test_repo_presets_parse() -> None:
     for f in files:
         body = tomllib.loads(f.read_text())
         exp = parse_experiment({**body, "data": "synthetic"})
+        if f.name.startswith("pilot-"):  # a pilot compares recipes, not the methods
+            continue
         assert set(exp.methods) == {
             "standard",
             "pgd_at",

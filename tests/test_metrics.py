@@ -12,6 +12,7 @@ from models.evaluation.metrics import (
     classification_metrics,
     confusion_matrix,
     roc_auc,
+    wilson,
 )
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -107,3 +108,30 @@ def test_confusion_matrix_and_bad_input() -> None:
         classification_metrics(np.ones((4, 3)) / 3, [0, 1, 2], ("a", "b", "c"))
     with pytest.raises(ValueError, match="labels"):
         classification_metrics(np.ones((2, 3)) / 3, [0, 3], ("a", "b", "c"))
+
+
+def test_wilson_interval_reference_values() -> None:
+    # reference values of the Wilson score interval (e.g. statsmodels' proportion_confint)
+    iv = wilson(43, 100)
+    assert (iv["low"], iv["high"]) == pytest.approx((0.33733, 0.52785), abs=1e-5)
+    assert wilson(0, 10)["low"] == 0.0 and wilson(0, 10)["high"] == pytest.approx(0.27753, abs=1e-5)
+    assert wilson(10, 10)["high"] == pytest.approx(1.0) and wilson(0, 0)["low"] is None
+
+
+def test_metrics_carry_intervals_that_contain_the_estimate_and_shrink_with_n() -> None:
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (120, 1200):
+        y = rng.integers(0, 4, n)
+        logits = rng.normal(size=(n, 4)) + 1.5 * np.eye(4)[y]  # informative, not perfect
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        m = classification_metrics(probs, y, ["a", "b", "c", "d"])
+        iv = m["intervals"]
+        for key in ("accuracy", "balanced_accuracy", "map"):
+            assert iv[key]["n"] == n and iv[key]["low"] <= m[key] <= iv[key]["high"], key
+        assert iv["balanced_accuracy"]["method"] == "bootstrap"
+        assert iv["recall"]["a"]["n"] == m["support"]["a"]
+        widths.append(iv["balanced_accuracy"]["high"] - iv["balanced_accuracy"]["low"])
+        # seeded: the same numbers again
+        assert classification_metrics(probs, y, ["a", "b", "c", "d"])["intervals"] == iv
+    assert widths[1] < widths[0] / 2  # about 1 / sqrt(10) as wide with 10 times the samples

@@ -136,6 +136,28 @@ def test_onecycle_warms_up_within_the_epoch_and_resumes_bit_exact(
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_robust_validation_every_epoch_and_the_best_epoch_kept(
+    data: DataBundle, tmp_path: Path
+) -> None:
+    cfg = quick(method="pgd_at", epochs=3, robust_val_samples=8, robust_val_steps=2)
+    result = train(cfg, tmp_path, data=data)
+    hist = result.history
+    assert all(0 <= r["robust_val_acc"] <= 1 and r["robust_val_bacc"] is not None for r in hist)
+    assert all(r["robust_val_acc"] <= r["val_acc"] + 1e-9 for r in hist)  # PGD never helps
+    # auto: the adversarial methods keep their best robust epoch (ties: the later one)
+    assert result.best_by == "robust_val_bacc"
+    scores = [r["robust_val_bacc"] for r in hist]
+    assert result.best_epoch == max(range(1, 4), key=lambda e: (scores[e - 1], e))
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["epoch"] == result.best_epoch and len(best["history"]) == result.best_epoch
+    assert result.best_checkpoint_sha256 != result.checkpoint_sha256 or result.best_epoch == 3
+    # "last" keeps the last epoch; the criterion needs the robust check to be on
+    last = train(quick(method="standard", epochs=2, best_by="last"), tmp_path / "last", data=data)
+    assert last.best_epoch == 2 and last.best_checkpoint_sha256 == last.checkpoint_sha256
+    with pytest.raises(ValueError, match="robust_val_eps"):
+        quick(best_by="robust_val_acc", robust_val_eps=0.0).validate()
+
+
 def test_stop_before_the_first_epoch_leaves_a_valid_checkpoint(
     data: DataBundle, tmp_path: Path
 ) -> None:

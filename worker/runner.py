@@ -176,18 +176,22 @@ def run_train_job(job_id: str, holder: str, settings: Settings | None = None) ->
                 with session_scope() as session:
                     _record_missing_epochs(session, job_id, result.history)
                     job = jobs.get_job(session, job_id)
+                    # the model is the best epoch by the config's best_by (robust overfitting);
+                    # checkpoint.pt, the last epoch, stays in the run directory for resuming
                     model = models_registry.register_trained_model(
                         session,
                         job,
-                        result.checkpoint,
+                        result.best_checkpoint,
                         result.model_info,
-                        checkpoint_sha256=result.checkpoint_sha256,
+                        checkpoint_sha256=result.best_checkpoint_sha256,
                         store=store,
                     )
                     summary = {
                         "model_id": model.id,
                         "checkpoint_uri": model.weights_uri,
-                        "checkpoint_sha256": result.checkpoint_sha256,
+                        "checkpoint_sha256": result.best_checkpoint_sha256,
+                        "best_epoch": result.best_epoch,
+                        "best_by": result.best_by,
                         "epochs_done": result.epochs_done,
                         "final": result.history[-1] if result.history else {},
                         **run,

@@ -77,7 +77,13 @@ class _AuditCommand(typer_core.TyperCommand):
 
 # ---------------------------------------------------------------------------- the request
 def parse_attacks(text: str) -> list[dict[str, Any]]:
-    """``fgsm,pgd:10,square:500`` -> attack specs (the number is steps, or queries for square)."""
+    """``fgsm,pgd:10,square:500`` -> attack specs (the number is steps, or queries for square);
+    a preset name (``quick``, ``default``, ``full``, ``autoattack``) expands to its list."""
+    from models.presets import expand
+
+    preset = expand(text.strip())
+    if preset is not None:
+        return preset
     attacks = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, n = item.partition(":")
@@ -463,7 +469,11 @@ def audit_cmd(
     key: str | None = typer.Option(None, envvar="DPAAT_API_KEY", help="API key (X-API-Key)."),
     dataset: str | None = typer.Option(None, help="Dataset id (default: the model's own)."),
     eps: str = typer.Option("0,1,2", help="Radii in 1/255 units, comma-separated."),
-    attacks: str = typer.Option("fgsm,pgd", help="fgsm, pgd[:steps], apgd-ce, apgd-t, square."),
+    attacks: str = typer.Option(
+        "fgsm,pgd",
+        help="fgsm, pgd[:steps], apgd-ce, apgd-t, square, autoattack; or a preset: quick, "
+        "default, full (AutoAttack budgets, cascaded), autoattack.",
+    ),
     baseline_audit: str | None = typer.Option(None, help="Compare with this audit."),
     baseline_model: str | None = typer.Option(
         None, help="Compare with the latest passing audit of the model with this name."

@@ -22,7 +22,7 @@ Architecture = Literal[
     "mobilenet_v3_large",
     "efficientnet_b0",
 ]
-AttackName = Literal["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square"]
+AttackName = Literal["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancel_requested", "cancelled"]
 # Fields of TrainConfig the server sets itself (paths on the server, hardware).
 SERVER_FIELDS = frozenset({"data_root", "manifest", "pretrained", "reference_checkpoint", "device"})
@@ -77,9 +77,26 @@ class TrainHyperParams(BaseModel):
     pgd_at_beta: float = Field(
         default=1.0, ge=0, le=1, description="pgd_at only: adversarial share (1 = Madry et al.)."
     )
+    robust_val_eps: float = Field(
+        default=2.0,
+        ge=0,
+        le=EPS_LIMIT,
+        description="Radius (1/255) of the per-epoch robust validation (PGD); 0 turns it off.",
+    )
+    robust_val_samples: int = Field(default=256, ge=1, le=100_000)
+    robust_val_steps: int = Field(default=10, ge=1, le=200)
+    best_by: Literal["auto", "last", "val_acc", "val_bacc", "robust_val_acc", "robust_val_bacc"] = (
+        Field(
+            default="auto",
+            description="The epoch whose weights become the model: auto = val_bacc for standard, "
+            "robust_val_bacc for the adversarial methods (robust overfitting, Rice et al. 2020).",
+        )
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainHyperParams:
+        if self.best_by.startswith("robust") and self.robust_val_eps == 0:
+            raise ValueError(f"best_by {self.best_by!r} needs robust_val_eps > 0")
         if self.eps_min > self.eps_max:
             raise ValueError(
                 f"eps_min ({self.eps_min}) must not exceed eps_max ({self.eps_max}) (1/255 units)"

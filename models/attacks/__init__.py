@@ -12,10 +12,11 @@ from models.attacks.apgd import APGD, APGDCE, APGDDLR, APGDT, apgd_run, dlr_loss
 from models.attacks.base import Attack, attack_mode, per_sample_ce
 from models.attacks.min_eps import flip_search, robustness_score
 from models.attacks.pgd import FGSM, PGD, pgd_steps, project, random_start
+from models.attacks.reference import AutoAttackReference
 from models.attacks.square import Square
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (FGSM, PGD, APGDCE, APGDDLR, APGDT, Square)
+    cls.name: cls for cls in (FGSM, PGD, APGDCE, APGDDLR, APGDT, Square, AutoAttackReference)
 }
 
 
@@ -27,7 +28,8 @@ def attack_params(name: str) -> list[str]:
 
 def make_attack(name: str, model: nn.Module, **params: Any) -> Attack:
     """The attack registered under ``name`` ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t",
-    "square") for ``model``. Unknown names and parameters raise ValueError listing the valid
+    "square", and "autoattack", the torchattacks reference) for ``model``. Unknown names and
+    parameters raise ValueError listing the valid
     ones."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(ATTACKS)}")
@@ -50,6 +52,7 @@ __all__ = [
     "FGSM",
     "PGD",
     "Attack",
+    "AutoAttackReference",
     "Square",
     "apgd_run",
     "attack_mode",

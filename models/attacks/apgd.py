@@ -220,7 +220,10 @@ class APGD(Attack):
                     return out
                 xi, yi, ei = x[idx], y[idx], eps[idx]
                 loss_fn = self._loss(None if target is None else target[idx])
-                init = random_start(xi, ei, self.norm, self.generator)
+                # drawn for the whole chunk: a sample's start does not depend on which others
+                # are still attacked (the cascade gives the same per-sample result)
+                unit = random_start(x, torch.ones_like(eps), self.norm, self.generator)
+                init = unit[idx] * view(ei, xi)
                 x_best, best_loss, fooled, x_fool = apgd_run(
                     self.model,
                     xi,

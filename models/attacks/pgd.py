@@ -50,6 +50,12 @@ def _draw(
     return t.to(like.device)
 
 
+def active_rows(eps: torch.Tensor) -> torch.Tensor:
+    """The samples to attack: a radius of 0 costs nothing (the answer is the input itself). An
+    evaluation's cascade gives the samples that an earlier attack already broke radius 0."""
+    return (eps > 0).nonzero().squeeze(1)
+
+
 def random_start(
     x: torch.Tensor, eps: torch.Tensor, norm: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -154,14 +160,24 @@ class PGD(Attack):
         self.random_init = random_init
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        rows = active_rows(eps)
+        out = x.clone()
+        if rows.numel() == 0:
+            return out
+        full_x = x
+        x, y, eps = x[rows], y[rows], eps[rows]
         alpha = self.alpha_factor * eps / self.steps
         best: torch.Tensor | None = None
         best_loss = best_fooled = torch.empty(0)
         for _ in range(self.restarts):
-            init = random_start(x, eps, self.norm, self.generator) if self.random_init else None
+            init = None
+            if self.random_init:  # drawn for the whole chunk, then the attacked rows taken
+                unit = random_start(full_x, out.new_ones(len(full_x)), self.norm, self.generator)
+                init = unit[rows] * view(eps, x)  # linear in the radius for both norms
             adv = pgd_steps(self.model, x, y, eps, self.steps, alpha, self.norm, init)
             if self.restarts == 1:
-                return adv
+                out[rows] = adv
+                return out
             with torch.no_grad():
                 logits = self.model(adv)
             loss, fooled = per_sample_ce(logits, y), logits.argmax(1) != y
@@ -173,7 +189,8 @@ class PGD(Attack):
             best_loss = torch.where(better, loss, best_loss)
             best_fooled = best_fooled | fooled
         assert best is not None
-        return best
+        out[rows] = best
+        return out
 
 
 class FGSM(Attack):
@@ -185,4 +202,7 @@ class FGSM(Attack):
         super().__init__(model, batch_size)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return pgd_steps(self.model, x, y, eps, 1, eps)
+        rows, out = active_rows(eps), x.clone()
+        if rows.numel():
+            out[rows] = pgd_steps(self.model, x[rows], y[rows], eps[rows], 1, eps[rows])
+        return out

@@ -94,8 +94,14 @@ class Square(Attack):
         x_in, x = x, fast_layout(x)
         e = view(eps, x)
         lo, hi = (x - e).clamp_(min=0.0), (x + e).clamp_(max=1.0)
-        queries = torch.ones(n, dtype=torch.long, device=x.device)
-        best_margin = margin(self.model(x), y)
+        # Every random draw is made for the whole chunk and the rows in play taken from it, so a
+        # sample's result does not depend on which others are attacked (an evaluation's cascade
+        # gives radius 0, hence no query at all, to the samples an earlier attack broke).
+        queries = (eps > 0).long()
+        best_margin = torch.full((n,), -1.0, device=x.device)
+        live = (eps > 0).nonzero().squeeze(1)
+        if live.numel():
+            best_margin[live] = margin(self.model(x[live]), y[live])
         x_best = x.clone()
 
         def todo() -> torch.Tensor:
@@ -106,7 +112,7 @@ class Square(Attack):
         # start: vertical stripes of +-eps, one sign per channel and column, accepted as they are
         idx = todo()
         if idx.numel():
-            stripes = self._signs((len(idx), c, 1, w), x) * e[idx]
+            stripes = self._signs((n, c, 1, w), x)[idx] * e[idx]
             cand = (x[idx] + stripes).clamp_(min=lo[idx], max=hi[idx])
             best_margin[idx] = margin(self.model(cand), y[idx])
             x_best[idx] = cand
@@ -118,17 +124,16 @@ class Square(Attack):
             idx = todo()
             if idx.numel() == 0:
                 break
-            m = len(idx)
             p = p_fraction(self.p_init, it, self.n_queries)
             side = min(max(round(math.sqrt(p * h * w)), 1), min(h, w) - 1)
-            r0 = self._positions(m, h - side + 1, x)
-            c0 = self._positions(m, w - side + 1, x)
+            r0 = self._positions(n, h - side + 1, x)[idx]
+            c0 = self._positions(n, w - side + 1, x)[idx]
             window = (
                 (((rows >= r0) & (rows < r0 + side))[:, None, :, None])
                 & (((cols >= c0) & (cols < c0 + side))[:, None, None, :])
             )
             xi, bi, li, ui = x[idx], x_best[idx], lo[idx], hi[idx]
-            step = self._signs((m, c, 1, 1), x) * e[idx]
+            step = self._signs((n, c, 1, 1), x)[idx] * e[idx]
             cand = torch.where(window, xi + step, bi).clamp_(min=li, max=ui)
             # a proposal that changes nothing (clipped at 0 or 1) wastes a query: flip its signs
             same = (cand == bi).flatten(1).all(1)

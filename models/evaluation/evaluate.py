@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import math
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +26,7 @@ from models.attacks import Attack, make_attack, per_sample_ce
 from models.data import TensorImageDataset
 from models.evaluation import checks as ck
 from models.evaluation.gradcam import grad_cam, lesion_focus
-from models.evaluation.metrics import classification_metrics
+from models.evaluation.metrics import classification_metrics, wilson
 from models.evaluation.report import to_jsonable
 
 REPORT_VERSION = 1
@@ -89,13 +91,14 @@ class _Timer:
         return t
 
 
-def _acc_bacc(correct: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, float | None]:
+def _acc_bacc(correct: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, Any]:
     """Accuracy and balanced accuracy from a per-sample correctness mask."""
     hit = correct.double()  # float64 like the metrics module, so the numbers compare exactly
     recalls = [float(hit[y == c].mean()) for c in range(k) if bool((y == c).any())]
     return {
         "accuracy": float(hit.mean()),
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+        "intervals": {"accuracy": wilson(int(correct.sum()), len(correct))},
     }
 
 
@@ -103,6 +106,95 @@ def _nanmean(t: torch.Tensor) -> tuple[float | None, int]:
     """Mean of the finite values and the number of NaNs (maps with no mass) left out."""
     ok = torch.isfinite(t)
     return (float(t[ok].mean()) if bool(ok.any()) else None), int((~ok).sum())
+
+
+@dataclass
+class WorstCase:
+    """One chunk at one eps: per attack, which samples it fooled (among those it ran on) and
+    which are still robust (cascaded: after the attacks so far; else: clean-correct and not fooled
+    by this attack alone); the worst-case probabilities and, when kept, the worst-case inputs."""
+
+    fooled: dict[str, torch.Tensor]
+    robust: dict[str, torch.Tensor]
+    attacked: dict[str, int]
+    probs: torch.Tensor
+    x: torch.Tensor | None
+    budget_excess: float
+    out_of_range: float
+
+    @property
+    def broken(self) -> torch.Tensor:
+        """Per sample: misclassified clean or fooled by some attack (the worst case)."""
+        return ~torch.stack(list(self.robust.values())).all(0) if self.robust else torch.empty(0)
+
+
+def worst_case(
+    model: nn.Module,
+    attacks: Mapping[str, Attack],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    clean_correct: torch.Tensor,
+    clean_loss: torch.Tensor,
+    clean_probs: torch.Tensor,
+    cascade: bool = True,
+    keep_x: bool = False,
+    timer: _Timer | None = None,
+) -> WorstCase:
+    """Run ``attacks`` (label -> attack, in this order) at ``eps`` (1/255 units) on one chunk.
+
+    The clean input is the first candidate (it lies in every ball). Per sample the worst case is a
+    candidate that fools the model, the one with the highest cross-entropy among those that ran;
+    with ``cascade`` an attack runs only on the samples nothing has fooled yet (radius 0 for the
+    others, which costs nothing), so its robust mask is the same as without, in less time.
+    """
+    best_fooled, best_loss, best_probs = ~clean_correct, clean_loss, clean_probs
+    best_x = x.clone() if keep_x else None
+    fooled, robust, attacked = {}, {}, {}
+    budget_excess = out_of_range = 0.0
+    for lbl, attack in attacks.items():
+        t = timer.now() if timer else 0.0
+        radius = torch.full((len(x),), eps / 255.0, device=x.device)
+        if cascade:
+            radius = torch.where(best_fooled, 0.0, radius)
+        rows = (radius > 0).nonzero().squeeze(1)
+        adv = attack(x, y, radius)
+        loss = torch.full_like(best_loss, -math.inf)
+        wrong = torch.zeros_like(best_fooled)
+        probs = best_probs.clone()
+        if len(rows):
+            with torch.no_grad():
+                out = model(adv[rows]).float()
+            loss[rows] = per_sample_ce(out, y[rows])
+            wrong[rows] = out.argmax(1) != y[rows]
+            probs[rows] = torch.softmax(out, 1)
+        if timer:
+            timer.add(f"attack:{lbl}", t)
+        delta = (adv - x).flatten(1)
+        size = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
+        budget_excess = max(budget_excess, float((size - eps / 255.0).max()))
+        out_of_range = max(out_of_range, float((adv - adv.clamp(0, 1)).abs().max()))
+        better = (wrong & ~best_fooled) | ((wrong == best_fooled) & (loss > best_loss))
+        best_fooled = best_fooled | wrong
+        best_loss = torch.where(better, loss, best_loss)
+        best_probs = torch.where(better[:, None], probs, best_probs)
+        if best_x is not None:
+            best_x = torch.where(better.view(-1, 1, 1, 1), adv, best_x)
+        fooled[lbl] = wrong
+        robust[lbl] = ~best_fooled if cascade else ~wrong & clean_correct
+        attacked[lbl] = len(rows)
+    return WorstCase(fooled, robust, attacked, best_probs, best_x, budget_excess, out_of_range)
+
+
+def cascade_order(names: Mapping[str, str]) -> list[str]:
+    """Attack labels in cascade order: iterative white-box attacks first (as listed), then
+    single-step ones, then black-box ones. ``names``: label -> attack name."""
+
+    def rank(lbl: str) -> int:
+        name = names[lbl]
+        return 2 if name in ck.BLACK_BOX else 1 if name in ck.SINGLE_STEP else 0
+
+    return sorted(names, key=rank)
 
 
 def curve_auc(points: Sequence[tuple[float, float]]) -> float | None:
@@ -129,6 +221,7 @@ def evaluate_model(
     seed: int = 0,
     cam_eps: float = 2.0,
     check_samples: int = 100,
+    cascade: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` under every attack of ``attacks`` at every eps of
     ``eps_list`` (1/255 units) and return the report dict.
@@ -138,7 +231,9 @@ def evaluate_model(
     use that worst-case example's probabilities: among the candidates that fool the sample the one
     with the highest cross-entropy, else the one with the highest cross-entropy. Lesion focus
     (Grad-CAM of the predicted class) is computed clean and at the eps of ``eps_list`` nearest
-    ``cam_eps``, when ``gradcam`` is on and the dataset has masks. ``check_samples`` caps the
+    ``cam_eps``, when ``gradcam`` is on and the dataset has masks. ``cascade`` runs each attack only
+    on the samples still robust after the earlier ones (same worst case, less work; the per-attack
+    figures are then cumulative, in :func:`cascade_order`). ``check_samples`` caps the
     subset used by the model-level validity checks. ``progress(stage, fraction)`` reports the
     overall fraction done.
     The model is evaluated in eval mode and handed back in the mode it came in.
@@ -169,7 +264,7 @@ def evaluate_model(
             torch.manual_seed(seed)
             report = _evaluate(
                 model, dataset, eps_sorted, attacks, batch_size, gradcam, model_info, dataset_info,
-                progress, seed, cam_eps, check_samples, given_training, device,
+                progress, seed, cam_eps, check_samples, given_training, device, cascade,
             )  # fmt: skip
     finally:
         model.train(given_training)
@@ -191,6 +286,7 @@ def _evaluate(
     check_samples: int,
     given_training: bool,
     device: torch.device,
+    cascade: bool,
 ) -> dict[str, Any]:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     timer = _Timer(device)
@@ -243,47 +339,44 @@ def _evaluate(
     clean_metrics = classification_metrics(clean_probs, labels, classes)
 
     # ---------------------------------------------------------------- attacks, eps by eps
+    # With the cascade (AutoAttack's design), each attack only runs on the samples that are still
+    # robust after the clean input and the attacks before it: the others get radius 0, which costs
+    # nothing. Attacks draw their random numbers for the whole chunk, so a sample's outcome is the
+    # same either way. Order: iterative white-box attacks, then single-step, then black-box ones,
+    # so that FGSM or Square fooling a survivor is exactly what the validity checks look for.
+    order = cascade_order(names) if cascade else list(attacks)
     positive = [e for e in eps_sorted if e > 0]
     adv_cam_eps = min(positive, key=lambda e: (abs(e - cam_eps), e)) if positive else None
     focus_adv = torch.full((n,), float("nan"))
     worst_probs: dict[float, torch.Tensor] = {}
-    correct: dict[float, dict[str, torch.Tensor]] = {}  # clean-correct and correct on the attack
-    fooled: dict[float, dict[str, torch.Tensor]] = {}  # attack's prediction wrong
+    # per attack: cascaded, robust after the attacks so far; else clean-correct and not fooled
+    correct: dict[float, dict[str, torch.Tensor]] = {}
+    fooled: dict[float, dict[str, torch.Tensor]] = {}  # ran on the sample and it was wrong
+    attacked: dict[float, dict[str, int]] = {}  # samples each attack ran on
     budget_excess, out_of_range = 0.0, 0.0
     units, done = max(1, len(positive) * len(chunks) * len(attacks)), 0
     for eps in positive:
         probs_e = clean_probs.clone()
-        correct[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in attacks}
-        fooled[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in attacks}
+        correct[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in order}
+        fooled[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in order}
+        attacked[eps] = dict.fromkeys(order, 0)
         for sl in chunks:
             x, y = chunk(sl)
-            # the clean input is the first candidate: it lies in every ball
-            best_fooled = ~clean_correct[sl].to(device)
-            best_loss = clean_loss[sl].to(device)
-            best_probs = clean_probs[sl].to(device)
-            best_x = x.clone() if eps == adv_cam_eps and masks is not None else None
-            for lbl, attack in attacks.items():
-                t = timer.now()
-                adv = attack(x, y, eps / 255.0)
-                with torch.no_grad():
-                    out = model(adv).float()
-                timer.add(f"attack:{lbl}", t)
-                delta = (adv - x).flatten(1)
-                size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-                budget_excess = max(budget_excess, float((size - eps / 255.0).max()))
-                out_of_range = max(out_of_range, float((adv - adv.clamp(0, 1)).abs().max()))
-                loss = per_sample_ce(out, y)
-                wrong = out.argmax(1) != y
-                fooled[eps][lbl][sl] = wrong.cpu()
-                correct[eps][lbl][sl] = (~wrong).cpu() & clean_correct[sl]
-                better = (wrong & ~best_fooled) | ((wrong == best_fooled) & (loss > best_loss))
-                best_fooled = best_fooled | wrong
-                best_loss = torch.where(better, loss, best_loss)
-                best_probs = torch.where(better[:, None], torch.softmax(out, 1), best_probs)
-                if best_x is not None:
-                    best_x = torch.where(better.view(-1, 1, 1, 1), adv, best_x)
-                done += 1
-                report_progress("attacks", _CLEAN + _ATTACKS * done / units)
+            wc = worst_case(
+                model, {lbl: attacks[lbl] for lbl in order}, x, y, eps,
+                clean_correct[sl].to(device), clean_loss[sl].to(device),
+                clean_probs[sl].to(device), cascade,
+                keep_x=eps == adv_cam_eps and masks is not None, timer=timer,
+            )  # fmt: skip
+            for lbl in order:
+                fooled[eps][lbl][sl] = wc.fooled[lbl].cpu()
+                correct[eps][lbl][sl] = wc.robust[lbl].cpu()
+                attacked[eps][lbl] += wc.attacked[lbl]
+            budget_excess = max(budget_excess, wc.budget_excess)
+            out_of_range = max(out_of_range, wc.out_of_range)
+            best_probs, best_x = wc.probs, wc.x
+            done += len(order)
+            report_progress("attacks", _CLEAN + _ATTACKS * done / units)
             probs_e[sl] = best_probs.cpu()
             if best_x is not None and masks is not None:
                 t = timer.now()
@@ -298,10 +391,17 @@ def _evaluate(
     for eps in eps_sorted:
         if eps == 0:
             m = dict(clean_metrics)
-            per_attack = {lbl: _acc_bacc(clean_correct, labels, k) for lbl in attacks}
+            per_attack = {lbl: _acc_bacc(clean_correct, labels, k) for lbl in order}
         else:
             m = classification_metrics(worst_probs[eps], labels, classes)
-            per_attack = {lbl: _acc_bacc(correct[eps][lbl], labels, k) for lbl in attacks}
+            per_attack = {
+                lbl: {
+                    **_acc_bacc(correct[eps][lbl], labels, k),
+                    "attacked": attacked[eps][lbl],
+                    "fooled": int(fooled[eps][lbl].sum()),
+                }
+                for lbl in order
+            }
         robust[eps_key(eps)] = {"eps": eps, **m, "per_attack": per_attack}
     curve = [(eps, robust[eps_key(eps)]["accuracy"]) for eps in eps_sorted]
 
@@ -312,7 +412,7 @@ def _evaluate(
     xs, ys = dataset.images[pick].to(device).float().div_(255.0), labels[pick].to(device)
     per_attack_curves = {
         lbl: {eps: robust[eps_key(eps)]["per_attack"][lbl]["accuracy"] for eps in eps_sorted}
-        for lbl in attacks
+        for lbl in order
     }
     check_list = [
         ck.check_logits(logits, k),
@@ -327,7 +427,7 @@ def _evaluate(
             },
             n,
         ),
-        ck.check_iterative_vs_fgsm(per_attack_curves, names, n),
+        ck.check_iterative_vs_fgsm(fooled, names, n),
         ck.check_large_eps(model, xs, ys),
         ck.check_black_box(fooled, names, n),
     ]
@@ -357,6 +457,9 @@ def _evaluate(
             "input_size": int(model_info.get("image_size", dataset.image_size)),
             "checkpoint_sha256": model_info.get("checkpoint_sha256"),
             "method": model_info.get("method"),
+            # the training epoch this checkpoint holds (a best-epoch checkpoint: see best_by)
+            "epoch": model_info.get("epochs_done"),
+            "best_by": (model_info.get("config") or {}).get("best_by"),
             "num_params": int(
                 model_info.get("num_params", sum(p.numel() for p in model.parameters()))
             ),
@@ -379,6 +482,14 @@ def _evaluate(
             "eps_unit": "1/255",
             "attacks": described,
             "robust_metric": "per-sample worst case over the clean input and every attack",
+            "cascade": cascade,
+            "order": order,
+            "per_attack_metric": (
+                "robust after the clean input and the attacks up to this one (cascade order); "
+                "attacked: samples it ran on; fooled: samples it broke"
+                if cascade
+                else "clean-correct and not fooled by this attack alone"
+            ),
         },
         "clean": clean_metrics,
         "robust": robust,
@@ -401,7 +512,7 @@ def _evaluate(
             "clean_s": tt.get("clean", 0.0),
             "gradcam_s": tt.get("gradcam", 0.0),
             "checks_s": tt.get("checks", 0.0),
-            "attacks_s": {lbl: tt.get(f"attack:{lbl}", 0.0) for lbl in attacks},
+            "attacks_s": {lbl: tt.get(f"attack:{lbl}", 0.0) for lbl in order},
         },
     }
     report_progress("done", 1.0)

@@ -78,12 +78,88 @@ def roc_auc(scores: ArrayLike, positive: ArrayLike) -> float:
     return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> dict[str, Any]:
+    """The Wilson score interval of a proportion (Wilson 1927): well-behaved at 0 and 1 and for
+    small n, unlike the normal approximation. ``low``/``high`` are None when n = 0."""
+    if n <= 0:
+        return {"n": 0, "low": None, "high": None, "method": "wilson"}
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return {
+        "n": n,
+        "low": float(max(0.0, centre - half)),
+        "high": float(min(1.0, centre + half)),
+        "method": "wilson",
+    }
+
+
+def _stratified_resamples(yt: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap index sets (B, N) that resample within each class, so every class keeps its
+    support (balanced accuracy and macro mAP are averages over classes)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, len(yt)), dtype=np.int64)
+    for c in np.unique(yt):
+        members = np.flatnonzero(yt == c)
+        out[:, members] = members[rng.integers(0, len(members), (resamples, len(members)))]
+    return out
+
+
+def _average_precision_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """:func:`average_precision` of each row of (B, N) arrays at once (ties handled the same way:
+    a threshold admits all tied samples); NaN for a row with no positive."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    p = np.take_along_axis(positive, order, axis=1)
+    tps = np.cumsum(p, axis=1, dtype=np.float64)
+    n_pos = tps[:, -1:]
+    end = np.ones_like(p, dtype=bool)
+    end[:, :-1] = s[:, :-1] != s[:, 1:]
+    rank = np.arange(1, s.shape[1] + 1, dtype=np.float64)
+    at_end = np.where(end, tps, 0.0)
+    prev = np.maximum.accumulate(np.concatenate([np.zeros_like(n_pos), at_end[:, :-1]], 1), 1)
+    gain = np.where(end, (tps - prev) * tps / rank, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_pos[:, 0] > 0, gain / n_pos[:, 0], np.nan)
+
+
+def bootstrap_intervals(
+    pr: np.ndarray, yt: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """95 % percentile intervals of balanced accuracy and macro mAP from a seeded,
+    class-stratified bootstrap over the samples (vectorised over the resamples)."""
+    k = pr.shape[1]
+    idx = _stratified_resamples(yt, resamples, seed)
+    y_b = yt[idx]
+    hit = pr.argmax(axis=1)[idx] == y_b
+    present = [c for c in range(k) if np.any(yt == c)]
+    recalls = np.stack([(hit & (y_b == c)).sum(1) / (yt == c).sum() for c in present], 1)
+    ap = np.stack([_average_precision_rows(pr[idx, c], y_b == c) for c in present], 1)
+    values = {"balanced_accuracy": recalls.mean(1), "map": ap.mean(1)}
+    return {
+        name: {
+            "n": len(yt),
+            "low": float(np.quantile(v, 0.025)),
+            "high": float(np.quantile(v, 0.975)),
+            "method": "bootstrap",
+            "resamples": resamples,
+            "seed": seed,
+        }
+        for name, v in values.items()
+    }
+
+
 def _none_if_nan(v: float) -> float | None:
     return None if not np.isfinite(v) else float(v)
 
 
 def classification_metrics(
-    probs: ArrayLike, y: ArrayLike, classes: Sequence[str]
+    probs: ArrayLike, y: ArrayLike, classes: Sequence[str], intervals_on: bool = True
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro mAP and AUROC (one-vs-rest), per-class recall and support,
     and the confusion matrix of class probabilities ``probs`` (N, K) against labels ``y`` (N,).
@@ -91,7 +167,9 @@ def classification_metrics(
     A class absent from ``y`` has no recall (None) and no average precision; a class whose
     one-vs-rest problem has a single label value has no AUROC. Such classes are left out of the
     macro averages and listed under ``map_excluded`` / ``auroc_excluded``. Undefined values are
-    None, never NaN.
+    None, never NaN. ``intervals`` holds 95 % intervals with their n: Wilson for accuracy and each
+    recall, a seeded class-stratified bootstrap for balanced accuracy, mAP and AUROC (skipped with
+    ``intervals_on=False``, which leaves the proportions' intervals).
     """
     pr, yt = _np(probs, np.float64), _np(y, np.int64)
     k = len(classes)
@@ -107,6 +185,12 @@ def classification_metrics(
     auc = [roc_auc(pr[:, c], yt == c) for c in range(k)]
     ap_ok = [v for v in ap if np.isfinite(v)]
     auc_ok = [v for v in auc if np.isfinite(v)]
+    support = cm.sum(axis=1)
+    intervals = {
+        "accuracy": wilson(int(np.sum(pred == yt)), len(yt)),
+        **(bootstrap_intervals(pr, yt) if intervals_on else {}),
+        "recall": {c: wilson(int(cm[i, i]), int(support[i])) for i, c in enumerate(classes)},
+    }
     return {
         "n": len(yt),
         "accuracy": float(np.mean(pred == yt)),
@@ -119,4 +203,5 @@ def classification_metrics(
         "map_excluded": [c for c, v in zip(classes, ap, strict=True) if not np.isfinite(v)],
         "auroc_excluded": [c for c, v in zip(classes, auc, strict=True) if not np.isfinite(v)],
         "confusion_matrix": cm.tolist(),
+        "intervals": intervals,
     }

@@ -75,6 +75,16 @@ def _f(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _ci(m: Mapping[str, Any], key: str) -> str:
+    """``value [low, high]``: the metric with its 95 % interval when the report has one (reports
+    written before intervals existed show the value alone)."""
+    value = m.get(key)
+    iv = (m.get("intervals") or {}).get(key) or {}
+    if iv.get("low") is None or value is None:
+        return _f(value)
+    return f"{_f(value)} [{_f(iv['low'])}, {_f(iv['high'])}]"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
@@ -117,9 +127,15 @@ def render_markdown(
     for name, m in [("clean", report["clean"])] + [
         (f"{r['eps']:g}", r) for r in rows if r["eps"] > 0
     ]:
-        row = [name, _f(m["accuracy"]), _f(m["balanced_accuracy"]), _f(m["map"]), _f(m["auroc"])]
-        table_rows.append(row + ([_f(m["recall"].get("mel"))] if mel else []))
+        row = [name, _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), _ci(m, "map"), _f(m["auroc"])]
+        mel_iv = {"intervals": (m.get("intervals") or {}).get("recall", {})}
+        table_rows.append(row + ([_ci({**m["recall"], **mel_iv}, "mel")] if mel else []))
     lines += _table(header, table_rows)
+    lines += [
+        "",
+        f"In brackets: 95 % intervals over the {data.get('samples')} samples (Wilson for accuracy "
+        "and recall, a seeded class-stratified bootstrap for balanced accuracy and mAP).",
+    ]
     excluded = report["clean"].get("auroc_excluded") or []
     if excluded:
         lines += ["", f"AUROC leaves out classes with a single label value: {', '.join(excluded)}."]
@@ -138,14 +154,20 @@ def render_markdown(
         ],
     )
 
-    attack_labels = [a.get("label", a.get("name")) for a in tm["attacks"]]
+    attack_labels = list(tm.get("order") or [a.get("label", a.get("name")) for a in tm["attacks"]])
     lines += ["", "## Accuracy per attack", ""]
+    if tm.get("cascade"):
+        lines += [
+            "Cascaded (AutoAttack's design): each attack ran only on the samples still robust "
+            "after the ones to its left, so each column is the robust accuracy so far.",
+            "",
+        ]
     lines += _table(
         ["eps (1/255)", *attack_labels, "worst case"],
         [
             [f"{r['eps']:g}"]
             + [_f(r["per_attack"][a]["accuracy"]) for a in attack_labels]
-            + [_f(r["accuracy"])]
+            + [_ci(r, "accuracy")]
             for r in rows
         ],
     )

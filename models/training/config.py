@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from models.nets import ARCHITECTURES
+from models.training.validation import BEST_BY
 
 METHODS: tuple[str, ...] = ("standard", "pgd_at", "trades", "dpaat", "amat_external", "iaat_flip")
 # methods that keep one radius per training sample (and log tau / eps histograms)
@@ -71,6 +72,13 @@ class TrainConfig:
     # below 1 gives the mixed loss (1 - b) CE(clean) + b CE(adv). Kept apart from ``beta`` so that
     # one config can hold DPAAT's beta = 0.5 and still train the textbook pgd_at baseline.
     pgd_at_beta: float = 1.0
+    # After every epoch: PGD-robust_val_steps at robust_val_eps (1/255; 0 turns it off) on a fixed
+    # class-stratified subset of robust_val_samples validation images, and the checkpoint of the
+    # best epoch by best_by is kept as best.pt (robust overfitting, Rice et al. 2020).
+    robust_val_eps: float = 2.0
+    robust_val_samples: int = 256
+    robust_val_steps: int = 10
+    best_by: str = "auto"  # auto | last | val_acc | val_bacc | robust_val_acc | robust_val_bacc
 
     @property
     def step_delta(self) -> float:
@@ -110,7 +118,13 @@ class TrainConfig:
             isinstance(q, int | float) and not isinstance(q, bool) and 0 < q < 1,
             f"tau_quantile must be in (0, 1), got {q!r}",
         )
-        for name in ("image_size", "epochs", "batch_size", "pgd_steps", "bisection_steps", "seed"):
+        need(self.best_by in BEST_BY, f"best_by must be one of {list(BEST_BY)}")
+        need(
+            not (self.best_by.startswith("robust") and self.robust_val_eps == 0),
+            f"best_by {self.best_by!r} needs robust_val_eps > 0",
+        )
+        ints = ("image_size", "epochs", "batch_size", "pgd_steps", "bisection_steps", "seed")
+        for name in (*ints, "robust_val_samples", "robust_val_steps"):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool),
@@ -123,11 +137,14 @@ class TrainConfig:
             need(self.pgd_steps >= 1, "pgd_steps must be >= 1")
             need(self.bisection_steps >= 1, "bisection_steps must be >= 1")
             need(self.seed >= 0, "seed must be >= 0")
+            need(self.robust_val_samples >= 1, "robust_val_samples must be >= 1")
+            need(self.robust_val_steps >= 1, "robust_val_steps must be >= 1")
         need(
             self.limit is None or (isinstance(self.limit, int) and self.limit >= 2),
             "limit must be None or >= 2",
         )
-        for name in ("lr", "momentum", "weight_decay", "eps_max", "eps_min", "z", "trades_beta"):
+        reals = ("lr", "momentum", "weight_decay", "eps_max", "eps_min", "z", "trades_beta")
+        for name in (*reals, "robust_val_eps"):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             need(ok and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0")

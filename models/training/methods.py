@@ -91,14 +91,14 @@ def buffers_restored(saved: Buffers) -> Iterator[None]:
     """Run with the buffers of ``saved`` in place, then put the current ones back: the training
     forward's update of the running statistics is kept, not undone. The tensors are swapped, not
     copied into: autograd has saved the current ones for the backward pass."""
-    current = [(m, name, m._buffers[name]) for m, name, _ in saved]
+    current = [(m, name, m._buffers[name]) for m, name, _ in saved]  # none of them is None
     for m, name, b in saved:
         m._buffers[name] = b
     try:
         yield
     finally:
-        for m, name, b in current:
-            m._buffers[name] = b
+        for m, name, old in current:
+            m._buffers[name] = old
 
 
 class Method:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import AbstractContextManager
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from models.attacks import per_sample_ce
 from models.data import DataBundle, DataError, TensorImageDataset, load_bundle, to_float
 from models.nets import Classifier, build_model
-from models.training import batching, dpaat
+from models.training import batching, dpaat, validation
 from models.training.checkpoint import (
     FORMAT,
     load_checkpoint,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
+BEST_NAME = "best.pt"
 # Settings that may change between the run and its resume: where things are, not what is trained.
 # The data itself is checked through its manifest sha256 and sizes instead.
 RESUME_MAY_DIFFER = ("device", "data_root", "manifest")
@@ -66,6 +68,10 @@ class TrainResult:
     epochs_done: int
     history: list[dict[str, Any]]
     model_info: dict[str, Any]  # arch, classes, image_size, method, num_params
+    best_checkpoint: str = ""  # out_dir/best.pt: the best epoch by cfg.best_by (the model to use)
+    best_checkpoint_sha256: str = ""
+    best_epoch: int = 0
+    best_by: str = ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,6 +212,9 @@ class Run:
         self.method: Method = make_method(cfg, len(train), k, weight, tau)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
+        self.best_path = out_dir / BEST_NAME
+        self.best_by = validation.best_criterion(cfg.best_by, cfg.method)
+        self.robust_idx = validation.stratified_subset(bundle.val.labels, cfg.robust_val_samples)
         self.model_info: dict[str, Any] = {
             "arch": cfg.arch,
             "classes": list(bundle.classes),
@@ -276,6 +285,7 @@ class Run:
         set_rng_state(saved["rng"])
 
     def result(self, status: str) -> TrainResult:
+        best = self.best_path if self.best_path.is_file() else self.ckpt_path
         return TrainResult(
             status=status,
             checkpoint=str(self.ckpt_path),
@@ -283,7 +293,20 @@ class Run:
             epochs_done=self.epoch,
             history=[dict(r) for r in self.history],
             model_info=dict(self.model_info),
+            best_checkpoint=str(best),
+            best_checkpoint_sha256=sha256_file(best),
+            best_epoch=best_epoch(self.history, self.best_by),
+            best_by=self.best_by,
         )
+
+    def save_best(self) -> None:
+        """Copy this epoch's checkpoint to best.pt when it is the best so far (ties: the later)."""
+        if best_epoch(self.history, self.best_by) == self.epoch:
+            tmp = self.best_path.with_suffix(".tmp")
+            shutil.copyfile(self.ckpt_path, tmp)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.best_path)
 
     # ------------------------------------------------------------------ training
     def fit(self, hooks: TrainingHooks) -> TrainResult:
@@ -355,6 +378,12 @@ class Run:
             self.scheduler.step()
         extra = self.method.end_epoch()
         val = clean_metrics(self.model, self.bundle.val, device, cfg.bf16, cfg.channels_last)
+        t_robust = time.perf_counter()
+        val |= validation.robust_metrics(
+            self.model, self.bundle.val, self.robust_idx, cfg.robust_val_eps,
+            cfg.robust_val_steps, device,
+        )  # fmt: skip
+        val["robust_val_seconds"] = time.perf_counter() - t_robust
         record: dict[str, Any] = {
             "epoch": e + 1,
             "lr": lr,
@@ -369,9 +398,22 @@ class Run:
         self.history.append(record)
         record["seconds"] = time.perf_counter() - start  # before the checkpoint, so it is saved
         self.save()
+        self.save_best()
         log.info("epoch %d/%d: %s", e + 1, cfg.epochs, summary(record))
         hooks.on_epoch_end(e + 1, dict(record))
         return True
+
+
+def best_epoch(history: list[dict[str, Any]], best_by: str) -> int:
+    """The epoch (1-based) with the highest ``best_by`` value (the later one on ties; the last
+    epoch for "last" or when no epoch has the value); 0 before the first epoch."""
+    if not history:
+        return 0
+    scored = [(r.get(best_by), r["epoch"]) for r in history]
+    valid = [(v, e) for v, e in scored if isinstance(v, int | float)]
+    if best_by == "last" or not valid:
+        return int(history[-1]["epoch"])
+    return int(max(valid)[1])
 
 
 def running_metrics(sums: dict[str, float]) -> dict[str, float]:
