@@ -23,6 +23,7 @@ from app.core.settings import Settings, get_settings
 from app.db.migrate import upgrade
 from app.db.session import dispose_engines
 from app.main import create_app
+from app.schemas.audits import Threshold
 from app.services import audits
 from worker import runner
 
@@ -90,6 +91,33 @@ def test_thresholds_are_judged_on_the_reports_numbers() -> None:
     failed = {r["name"]: r["detail"] for r in results if not r["passed"]}
     assert failed["accuracy@2 >= 0.41"] == "observed 0.4000, required >= 0.4100"
     assert "no value of auroc (clean)" in failed["auroc >= 0.5"]
+
+
+def test_thresholds_on_the_interval_bound_are_conservative() -> None:
+    """use_interval: >= is judged on the lower bound, <= on the upper one; a report without
+    intervals fails the rule instead of passing it on the estimate."""
+    report = _report()
+    report["robust"]["2"]["intervals"] = {
+        "accuracy": {"n": 300, "low": 0.345, "high": 0.457, "method": "wilson"},
+        "recall": {"mel": {"n": 40, "low": 0.105, "high": 0.349, "method": "wilson"}},
+    }
+    rules = [
+        {**_rule("accuracy", 0.35, eps=2), "use_interval": True},  # estimate 0.4 would pass
+        {**_rule("accuracy", 0.34, eps=2), "use_interval": True},
+        {**_rule("recall.mel", 0.3, eps=2, op="<="), "use_interval": True},  # upper 0.349
+        {**_rule("balanced_accuracy", 0.5), "use_interval": True},  # no interval in the report
+    ]
+    got = {
+        r["name"]: (r["observed"], r["passed"]) for r in audits.evaluate_thresholds(report, rules)
+    }
+    assert got == {
+        "accuracy@2 >= 0.35 (95% bound)": (0.345, False),
+        "accuracy@2 >= 0.34 (95% bound)": (0.345, True),
+        "recall.mel@2 <= 0.3 (95% bound)": (0.349, False),
+        "balanced_accuracy >= 0.5 (95% bound)": (None, False),
+    }
+    with pytest.raises(ValueError, match="no interval"):
+        Threshold(metric="verdict", op="!=", value="fail", use_interval=True)
 
 
 def test_regression_rule_and_comparability() -> None:

@@ -121,8 +121,10 @@ def build_request(
     limit: int | None,
     part: str,
     gradcam: bool,
+    on_interval: bool = False,
 ) -> dict[str, Any]:
-    """The body of ``POST /api/v1/audits`` from the command's options."""
+    """The body of ``POST /api/v1/audits`` from the command's options. ``on_interval`` checks
+    every metric that has a 95 % interval on its conservative bound instead of its estimate."""
     if not thresholds:
         raise UsageError("give at least one --threshold, e.g. --threshold 'accuracy@2>=0.4'")
     if baseline_audit and baseline_model:
@@ -131,6 +133,9 @@ def build_request(
         rules = [parse_threshold(t) for t in thresholds]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if on_interval:
+        for rule in rules:
+            rule["use_interval"] = rule["metric"] not in ("verdict", "curve_auc", "auroc")
     body: dict[str, Any] = {
         "dataset_id": dataset,
         "part": part,
@@ -482,6 +487,13 @@ def audit_cmd(
     limit: int | None = typer.Option(None, min=1, help="Cap on test images (class-stratified)."),
     part: str = typer.Option("test", help="train | val | test"),
     gradcam: bool = typer.Option(True, help="Grad-CAM lesion focus in the report."),
+    on_interval: bool = typer.Option(
+        False,
+        "--on-interval",
+        help="Check each threshold on the 95% interval's conservative bound (lower for >=, "
+        "upper for <=) instead of the point estimate: a model passes only when the sample size "
+        "supports it.",
+    ),
     no_wait: bool = typer.Option(False, "--no-wait", help="Submit, print the audit id, exit 0."),
     timeout: float = typer.Option(3600.0, min=0, help="Seconds to wait for the result."),
     poll: float = typer.Option(2.0, min=0.05, help="Seconds between status requests."),
@@ -513,6 +525,7 @@ def audit_cmd(
             limit=limit,
             part=part,
             gradcam=gradcam,
+            on_interval=on_interval,
         )
         _sigterm_as_interrupt()
         # the file's hash is part of the key: another model file in the same CI step is a new audit

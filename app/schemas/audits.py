@@ -19,6 +19,9 @@ VERDICTS = ("pass", "warn", "fail")
 Outcome = Literal["pending", "passed", "failed", "error"]
 
 
+NO_INTERVAL = frozenset({"verdict", "curve_auc", "auroc"})
+
+
 class Threshold(BaseModel):
     """One requirement, e.g. ``{"metric": "accuracy", "eps": 2, "op": ">=", "value": 0.4}``
     (robust accuracy at 2/255 at least 0.40) or ``{"metric": "verdict", "op": "!=",
@@ -37,9 +40,16 @@ class Threshold(BaseModel):
     )
     op: Literal[">=", "<=", "==", "!="] = ">="
     value: float | Literal["pass", "warn", "fail"]
+    use_interval: bool = Field(
+        default=False,
+        description="Check the report's 95 % interval instead of its point estimate: the lower "
+        "bound for >=, the upper bound for <= (accuracy, balanced_accuracy, map, recall.<class>).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Threshold:
+        if self.use_interval and (self.metric in NO_INTERVAL):
+            raise ValueError(f"{self.metric} has no interval: drop use_interval")
         if self.metric == "verdict":
             if self.op not in ("==", "!=") or not isinstance(self.value, str):
                 raise ValueError("verdict thresholds are 'verdict != fail' or 'verdict == pass'")
@@ -59,7 +69,9 @@ class Threshold(BaseModel):
         """How the threshold reads: ``accuracy@2 >= 0.4``, ``verdict != fail``."""
         where = "" if self.eps is None else f"@{self.eps:g}"
         value = self.value if isinstance(self.value, str) else f"{self.value:g}"
-        return f"{self.metric}{where} {self.op} {value}"
+        return f"{self.metric}{where} {self.op} {value}" + (
+            " (95% bound)" if self.use_interval else ""
+        )
 
 
 class Baseline(BaseModel):
@@ -172,9 +184,14 @@ class ThresholdResult(BaseModel):
     eps: float | None
     op: str
     required: float | str
-    observed: float | str | None = Field(description="null: the report has no value for it.")
+    observed: float | str | None = Field(
+        description="null: the report has no value for it. With use_interval: the bound checked."
+    )
     passed: bool
     detail: str = ""
+    interval: dict[str, Any] | None = Field(
+        default=None, description="The report's 95 % interval of the metric: n, low, high, method."
+    )
 
 
 class RegressionResult(BaseModel):

@@ -41,7 +41,9 @@ def threshold_name(t: Mapping[str, Any]) -> str:
     """``accuracy@2 >= 0.4`` / ``balanced_accuracy >= 0.6`` / ``verdict != fail``."""
     where = "" if t.get("eps") is None else f"@{float(t['eps']):g}"
     value = t["value"] if isinstance(t["value"], str) else f"{float(t['value']):g}"
-    return f"{t['metric']}{where} {t['op']} {value}"
+    return f"{t['metric']}{where} {t['op']} {value}" + (
+        " (95% bound)" if t.get("use_interval") else ""
+    )
 
 
 # ---------------------------------------------------------------------------- rules
@@ -59,6 +61,22 @@ def observed_value(report: Mapping[str, Any], metric: str, eps: float | None) ->
     return section.get(metric)
 
 
+def observed_interval(
+    report: Mapping[str, Any], metric: str, eps: float | None
+) -> Mapping[str, Any] | None:
+    """The report's 95 % interval of ``metric`` ({n, low, high, method}); None when it has none
+    (reports made before intervals existed)."""
+    section = report.get("clean") if eps is None else (report.get("robust") or {}).get(eps_key(eps))
+    intervals = section.get("intervals") if isinstance(section, Mapping) else None
+    if not isinstance(intervals, Mapping):
+        return None
+    if metric.startswith("recall."):
+        found = (intervals.get("recall") or {}).get(metric.removeprefix("recall."))
+    else:
+        found = intervals.get(metric)
+    return found if isinstance(found, Mapping) else None
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -73,6 +91,9 @@ def evaluate_thresholds(
     for t in thresholds:
         metric, eps, op, required = t["metric"], t.get("eps"), t["op"], t["value"]
         raw = observed_value(report, metric, eps)
+        interval = observed_interval(report, metric, eps) if metric != "verdict" else None
+        if t.get("use_interval"):  # the conservative end: lower bound for >=, upper for <=
+            raw = (interval or {}).get("low" if op == ">=" else "high")
         detail = ""
         if metric == "verdict":
             observed: Any = raw if raw in _VERDICT_RANK else None
@@ -85,11 +106,12 @@ def evaluate_thresholds(
                 passed = observed >= float(required) - _TOLERANCE
             else:
                 passed = observed <= float(required) + _TOLERANCE
+        bound = "95% interval bound " if t.get("use_interval") else ""
         if observed is None:
             where = "clean" if eps is None else f"eps {float(eps):g}"
-            detail = f"the report has no value of {metric} ({where})"
+            detail = f"the report has no {bound or 'value '}of {metric} ({where})"
         elif not passed:
-            detail = f"observed {_show(observed)}, required {op} {_show(required)}"
+            detail = f"observed {bound}{_show(observed)}, required {op} {_show(required)}"
         results.append(
             {
                 "name": threshold_name(t),
@@ -100,6 +122,7 @@ def evaluate_thresholds(
                 "observed": observed,
                 "passed": passed,
                 "detail": detail,
+                "interval": dict(interval) if interval else None,
             }
         )
     return results
