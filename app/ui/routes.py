@@ -52,7 +52,9 @@ router = APIRouter(prefix=UI_PREFIX, include_in_schema=False)
 Csrf = Annotated[str | None, Form()]
 
 
-def page(request: Request, name: str, opened: Opened | None, status: int = 200, **data: Any) -> Response:
+def page(
+    request: Request, name: str, opened: Opened | None, status: int = 200, **data: Any
+) -> Response:
     settings = request.app.state.settings
     context = {
         "opened": opened,
@@ -108,7 +110,13 @@ def login_form(request: Request, next: str = UI_PREFIX) -> Response:
 def _login_page(request: Request, next_path: str, error: str | None, status: int) -> Response:
     token = secrets.token_urlsafe(24)
     response = page(
-        request, "login.html", None, status, login_csrf=token, next=_safe_next(next_path), error=error
+        request,
+        "login.html",
+        None,
+        status,
+        login_csrf=token,
+        next=_safe_next(next_path),
+        error=error,
     )
     response.headers.append(
         "Set-Cookie",
@@ -155,7 +163,9 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, opened: UiDep, session: SessionDep, csrf_token: Csrf = None) -> Response:
+def logout(
+    request: Request, opened: UiDep, session: SessionDep, csrf_token: Csrf = None
+) -> Response:
     check_form(opened, csrf_token, scope="read")
     ui_sessions.close(session, cookie_value(request.scope["headers"], COOKIE))
     response = redirect(f"{UI_PREFIX}/login")
@@ -347,7 +357,9 @@ def job_page(request: Request, job_id: str, opened: UiDep, session: SessionDep) 
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, opened: UiDep, session: SessionDep, csrf_token: Csrf = None) -> Response:
+def cancel_job(
+    job_id: str, opened: UiDep, session: SessionDep, csrf_token: Csrf = None
+) -> Response:
     check_form(opened, csrf_token)
     jobs.request_cancel(session, job_id, opened.principal.owner)
     return redirect(f"{UI_PREFIX}/jobs/{job_id}")
@@ -591,4 +603,3 @@ async def predict(
         gradcam=f"data:image/png;base64,{result['gradcam_png']}" if result["gradcam_png"] else None,
         image_name=Path(file.filename or "image").name,
     )
-
