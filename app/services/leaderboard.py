@@ -63,16 +63,18 @@ def board(
     """The ranking; missing choices default to the most common dataset, threat model and the
     largest radius every chosen report has."""
     models, _ = models_registry.list_models(session, owner, limit=MAX_MODELS)
-    latest = []
+    latest = []  # (model, its latest report, the dataset the report is on)
     for model in models:
         evaluation = models_registry.latest_evaluation(session, model)
-        if evaluation is not None and evaluation.dataset_id is not None:
-            latest.append((model, evaluation))
-    datasets = sorted({e.dataset_id for _, e in latest if e.dataset_id})
+        # An evaluation without a dataset of its own ran on the model's training dataset.
+        on = evaluation and (evaluation.dataset_id or model.dataset_id)
+        if evaluation is not None and on:
+            latest.append((model, evaluation, on))
+    datasets = sorted({d for _, _, d in latest})
     if dataset_id is None and latest:
-        ids = [e.dataset_id for _, e in latest]
+        ids = [d for _, _, d in latest]
         dataset_id = max(datasets, key=ids.count)
-    on_dataset = [(m, e) for m, e in latest if e.dataset_id == dataset_id]
+    on_dataset = [(m, e) for m, e, d in latest if d == dataset_id]
     threats = sorted({threat_label(e.report) for _, e in on_dataset})
     if threat not in threats:
         labels = [threat_label(e.report) for _, e in on_dataset]
