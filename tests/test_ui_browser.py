@@ -293,6 +293,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     shot(driver, "job")
     wait_until(driver, lambda d: d.find_elements("id", "result-model"), timeout=240)
     assert by_id(driver, "job-status").text == "succeeded"
+    assert driver.find_elements("css selector", "table.hist tr")  # DPAAT's radius histogram
     model_a = server.job(job_a)["result"]["model_id"]
 
     # ---- evaluate model A from its page

@@ -7,6 +7,22 @@
   var updates = 0;
   function set(id, text) { var el = document.getElementById(id); if (el) { el.textContent = text; } }
   function fmt(v) { return typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(3)) : String(v); }
+  // DPAAT's per-sample radius histogram of the last epoch, redrawn as each epoch is recorded.
+  function drawHistogram(hist) {
+    var table = document.getElementById("live-hist");
+    if (!table) { return; }
+    var top = Math.max.apply(null, hist.counts.concat([1]));
+    table.replaceChildren();
+    hist.counts.forEach(function (count, i) {
+      var row = table.insertRow();
+      row.insertCell().textContent = fmt(hist.edges[i]) + "–" + fmt(hist.edges[i + 1]);
+      var meter = document.createElement("meter");
+      meter.min = 0; meter.max = top; meter.value = count;
+      var cell = row.insertCell();
+      cell.append(meter, " " + count);
+    });
+    document.getElementById("live-hist-section").hidden = false;
+  }
   var source = new EventSource(live.dataset.events);
   source.addEventListener("job", function (event) {
     var job = JSON.parse(event.data);
@@ -33,6 +49,8 @@
       var dd = document.createElement("dd"); dd.textContent = fmt(metrics[k]);
       dl.append(dt, dd);
     });
+    var hist = (job.last_epoch || {}).eps_hist;
+    if (hist && hist.counts) { drawHistogram(hist); }
     if (["succeeded", "failed", "cancelled"].indexOf(job.status) >= 0) {
       source.close();
       window.setTimeout(function () { window.location.reload(); }, 300);
