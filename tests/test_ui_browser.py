@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from stack_support import ROOT, dpaat_command, free_port, wait_for
+from stack_support import ROOT, Stack, dpaat_command, free_port, running_stack, wait_for
 from test_api import ham_files, zip_bytes
 
 from app.db.migrate import upgrade
@@ -47,6 +47,8 @@ CHROME_FLAGS = (
     "--window-size=1280,1000",
 )
 TINY = {"image_size": "32", "epochs": "2", "pgd_steps": "2", "eps_max": "4"}
+FAST = {"DPAAT_PREDICT_STEPS": "2", "DPAAT_PREDICT_CAP": "8", "DPAAT_SSE_POLL_SECONDS": "0.2"}
+FULLSTACK = [pytest.mark.fullstack, pytest.mark.slow]
 EVAL = {"eps_list": [0, 1, 2], "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 2}]}
 
 
@@ -62,37 +64,59 @@ def _chromium() -> tuple[str, str]:
 
 
 class Server:
-    """`dpaat serve` (embedded: SQLite, in-process worker) in a subprocess, and two owners' keys."""
+    """Where the dashboard runs: its URL, two owners' keys and an HTTP client with alice's key."""
+
+    base: str
+    alice: str
+    bob: str
+    tmp: Path
+    http: httpx.Client
+    log: Path
+
+    def job(self, job_id: str, timeout: float = 300) -> dict[str, Any]:
+        """The job once it has finished."""
+        body: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal body
+            body = self.http.get(f"/api/v1/jobs/{job_id}").json()
+            return body["status"] in ("succeeded", "failed", "cancelled")
+
+        wait_for(done, timeout, f"job {job_id}", every=0.5)
+        assert body["status"] == "succeeded", (body.get("error"), self.log.read_text()[-3000:])
+        return body
+
+
+class Embedded(Server):
+    """`dpaat serve` in the embedded default (SQLite, the in-process worker), authentication on."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.url_db = f"sqlite:///{tmp / 'ui.db'}"
-        upgrade(self.url_db)
-        engine = make_engine(self.url_db)
+        url = f"sqlite:///{tmp / 'ui.db'}"
+        upgrade(url)
+        engine = make_engine(url)
         with make_sessionmaker(engine)() as s:
             self.alice = api_keys.create_key(s, owner="alice", scopes=["read", "submit"])[1]
             self.bob = api_keys.create_key(s, owner="bob", scopes=["read", "submit"])[1]
         engine.dispose()
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "OMP_NUM_THREADS": "1",
-            "DPAAT_DATABASE_URL": self.url_db,
-            "DPAAT_ARTIFACT_DIR": str(tmp / "artifacts"),
-            "DPAAT_AUTH": "on",
-            "DPAAT_DATA_ROOTS": "[]",
-            "DPAAT_PREDICT_STEPS": "2",
-            "DPAAT_PREDICT_CAP": "8",
-            "DPAAT_SSE_POLL_SECONDS": "0.2",
-        }
-        env.pop("BROKER_URL", None)
-        env.pop("DATABASE_URL", None)
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "DATABASE_URL")}
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1",
+                "DPAAT_DATABASE_URL": url,
+                "DPAAT_ARTIFACT_DIR": str(tmp / "artifacts"),
+                "DPAAT_AUTH": "on",
+                "DPAAT_DATA_ROOTS": "[]",
+                **FAST,
+            }
+        )
         self.log = tmp / "serve.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                dpaat_command("serve", "--port", str(self.port), "--log-level", "warning"),
+                dpaat_command("serve", "--port", str(port), "--log-level", "warning"),
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -110,19 +134,6 @@ class Server:
 
         wait_for(ready, 90, "dpaat serve", every=0.3)
 
-    def job(self, job_id: str, timeout: float = 300) -> dict[str, Any]:
-        """The job once it has finished."""
-        body: dict[str, Any] = {}
-
-        def done() -> bool:
-            nonlocal body
-            body = self.http.get(f"/api/v1/jobs/{job_id}").json()
-            return body["status"] in ("succeeded", "failed", "cancelled")
-
-        wait_for(done, timeout, f"job {job_id}", every=0.5)
-        assert body["status"] == "succeeded", (body.get("error"), self.log.read_text()[-3000:])
-        return body
-
     def stop(self) -> None:
         self.http.close()
         if self.proc.poll() is None:
@@ -133,18 +144,43 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+class FullStack(Server):
+    """The full deployment of tests/stack_support.py: PostgreSQL, Redis, `dpaat serve` and a
+    separate `dpaat worker`; the keys made with `dpaat keys create`."""
+
+    def __init__(self, stack: Stack, tmp: Path) -> None:
+        self.tmp = tmp
+        self.base = stack.base_url
+        self.alice = stack.new_key("alice")
+        self.bob = stack.new_key("bob")
+        self.http = httpx.Client(base_url=self.base, headers={"X-API-Key": self.alice}, timeout=60)
+        self.log = stack.logs / "api.log"
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("fullstack", marks=FULLSTACK)])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     _chromium()
-    s = Server(tmp_path_factory.mktemp("ui-browser"))
-    try:
-        yield s
-    finally:
-        s.stop()
+    tmp = tmp_path_factory.mktemp(f"ui-{request.param}")
+    if request.param == "embedded":
+        embedded = Embedded(tmp)
+        try:
+            yield embedded
+        finally:
+            embedded.stop()
+        return
+    postgres, redis_url = (request.getfixturevalue(n) for n in ("postgres_url", "redis_url"))
+    with running_stack(postgres, redis_url, tmp, env=FAST) as stack:
+        full = FullStack(stack, tmp)
+        try:
+            yield full
+        finally:
+            full.http.close()
 
 
 @pytest.fixture(scope="module")
-def driver(server: Server) -> Iterator[Any]:
+def driver() -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -228,6 +264,8 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     from selenium.webdriver.support.ui import Select
 
     tmp = server.tmp
+    tag = "" if isinstance(server, Embedded) else "-fullstack"
+    driver.delete_all_cookies()  # one browser for both deployments (cookies ignore the port)
     sign_in(driver, server, server.alice)
     assert by_id(driver, "owner").text == "alice"
 
@@ -246,7 +284,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     assert driver.execute_script(
         "return [...document.querySelectorAll('.thumbs img')].every(i => i.naturalWidth > 0)"
     )
-    shot(driver, "dataset")
+    shot(driver, "dataset" + tag)
 
     # ---- train: the job page follows progress without a reload
     driver.get(f"{server.base}/ui/jobs?dataset={dataset_id}")
@@ -290,7 +328,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
         ),
         timeout=120,
     )
-    shot(driver, "job")
+    shot(driver, "job" + tag)
     wait_until(driver, lambda d: d.find_elements("id", "result-model"), timeout=240)
     assert by_id(driver, "job-status").text == "succeeded"
     assert driver.find_elements("css selector", "table.hist tr")  # DPAAT's radius histogram
@@ -340,7 +378,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     assert (status, size > 1000, width > 0) == (200, True, True)
     for name in ("class_recall", "gradcam_montage"):
         assert image_loads(driver, f"fig-{name}")[0] == 200
-    shot(driver, "model")
+    shot(driver, "model" + tag)
 
     # ---- compare two models, then the leaderboard
     driver.get(f"{server.base}/ui/models")
@@ -351,11 +389,11 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     assert image_loads(driver, "compare-curve")[0] == 200
     table = by_id(driver, "compare-table").text
     assert "dpaat-tiny" in table and "pgd-tiny" in table
-    shot(driver, "compare")
+    shot(driver, "compare" + tag)
     driver.get(f"{server.base}/ui/leaderboard")
     rows = driver.find_elements("css selector", "#board-table tr")
     assert len(rows) == 3, by_id(driver, "board-table").text  # header + 2 models
-    shot(driver, "leaderboard")
+    shot(driver, "leaderboard" + tag)
 
     # ---- the audit
     driver.get(f"{server.base}/ui/audits")
@@ -365,7 +403,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     assert "accuracy >= 0" in by_id(driver, "thresholds-table").text
     assert "audit.xml" in by_id(driver, "audit-files").text
     assert image_loads(driver, "audit-curve")[0] == 200
-    shot(driver, "audit")
+    shot(driver, "audit" + tag)
 
     # ---- predict on an image
     driver.get(f"{server.base}/ui/predict")
@@ -377,7 +415,7 @@ def test_a_person_walks_through_the_dashboard(server: Server, driver: Any) -> No
     assert 0 <= float(by_id(driver, "robustness-score").text) <= 1
     assert "eps*" in by_id(driver, "robustness-words").text
     assert driver.execute_script("return document.getElementById('gradcam').naturalWidth") > 0
-    shot(driver, "predict")
+    shot(driver, "predict" + tag)
 
     # ---- sign out: the pages ask for a key again
     by_id(driver, "sign-out").click()
