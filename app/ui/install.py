@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -51,7 +52,9 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 
 async def _sign_in(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SignInRequired)
-    return RedirectResponse(f"{UI_PREFIX}/login?next={exc.next_path}", status_code=303)
+    return RedirectResponse(
+        f"{UI_PREFIX}/login?{urlencode({'next': exc.next_path})}", status_code=303
+    )
 
 
 def install(app: FastAPI, settings: Settings) -> None:

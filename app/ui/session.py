@@ -79,9 +79,10 @@ class UiSessionMiddleware:
             await self.app(scope, receive, send)
             return
         token = cookie_value(scope["headers"], COOKIE)
-        opened = await run_in_threadpool(self._resolve, token)
+        static = path.startswith(f"{UI_PREFIX}/static/")
+        opened = None if static else await run_in_threadpool(self._resolve, token)
         new_token = None
-        if opened is None and not self.settings.auth_enabled:
+        if opened is None and not static and not self.settings.auth_enabled:
             new_token, opened = await run_in_threadpool(self._open_local)
         scope[SCOPE_KEY] = opened
         secure = scope.get("scheme") == "https"
