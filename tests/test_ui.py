@@ -312,3 +312,53 @@ def test_api_docs_load_from_local_assets(env: dict[str, Any]) -> None:
         for u in urls:
             r = client.get(u)
             assert r.status_code == 200 and len(r.content) > 1000, u
+
+
+# ============================================================================ leaderboard
+def _report(clean: float, robust: dict[float, float], attacks: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "verdict": "pass",
+        "threat_model": {"norm": "Linf", "attacks": [{"name": a, "label": a} for a in attacks]},
+        "clean": {"balanced_accuracy": clean, "map": clean / 2},
+        "robust": {f"{e:g}": {"eps": e, "balanced_accuracy": v} for e, v in robust.items()},
+    }
+
+
+def test_leaderboard_ranks_comparable_reports_by_robust_balanced_accuracy(
+    env: dict[str, Any],
+) -> None:
+    from app.db.tables import Evaluation, Model
+    from app.services import leaderboard
+
+    main, other = _upload(env, env["alice"], "main")["id"], _upload(env, env["alice"], "x")["id"]
+    theirs = _upload(env, env["bob"], "bob's")["id"]
+    rows = [  # (owner, name, dataset, report)
+        ("alice", "robust", main, _report(0.6, {0: 0.6, 1: 0.5, 2: 0.4}, ("fgsm", "pgd-10"))),
+        ("alice", "accurate", main, _report(0.9, {0: 0.9, 1: 0.3, 2: 0.1}, ("fgsm", "pgd-10"))),
+        ("alice", "tie-low", main, _report(0.5, {0: 0.5, 1: 0.5, 2: 0.4}, ("fgsm", "pgd-10"))),
+        ("alice", "fgsm-only", main, _report(0.9, {0: 0.9, 1: 0.9, 2: 0.9}, ("fgsm",))),
+        ("alice", "elsewhere", other, _report(0.9, {0: 0.9, 1: 0.9}, ("fgsm", "pgd-10"))),
+        ("bob", "not-mine", theirs, _report(1.0, {0: 1.0, 1: 1.0, 2: 1.0}, ("fgsm", "pgd-10"))),
+    ]
+    with env["app"].state.sessionmaker() as s:
+        for owner, name, dataset_id, report in rows:
+            model = Model(owner=owner, name=name, source="trained", weights_format="checkpoint",
+                          architecture="small_cnn", classes=["a", "b"], image_size=32,
+                          training_method="dpaat", checkpoint_sha256="0" * 64, weights_uri="x",
+                          dataset_id=dataset_id)  # fmt: skip
+            s.add(model)
+            s.flush()
+            s.add(Evaluation(owner=owner, model_id=model.id, dataset_id=dataset_id,
+                             report=report, verdict="pass"))  # fmt: skip
+        s.commit()
+        board = leaderboard.board(s, "alice", dataset_id=main, threat="fgsm + pgd-10 (Linf)")
+        assert board.eps == 2 and board.eps_choices == [0, 1, 2]
+        assert [r.model_name for r in board.rows] == ["robust", "tie-low", "accurate"]
+        assert board.threats == ["fgsm (Linf)", "fgsm + pgd-10 (Linf)"]
+        at_1 = leaderboard.board(s, "alice", dataset_id=main, threat=board.threat, eps=1.0)
+        assert [r.model_name for r in at_1.rows] == ["robust", "tie-low", "accurate"]
+        assert [r.robust_bacc for r in at_1.rows] == [0.5, 0.5, 0.3]  # tie: clean bacc decides
+        assert leaderboard.board(s, "bob").rows[0].model_name == "not-mine"
+    page = _signed_in(env).client.get(f"/ui/leaderboard?dataset={main}&eps=1").text
+    assert page.index(">robust<") < page.index(">tie-low<") < page.index(">accurate<")
+    assert "not-mine" not in page and "elsewhere" not in page
