@@ -74,8 +74,16 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
         alice = api_keys.create_key(s, owner="alice", scopes=["read", "submit"])[1]
         bob = api_keys.create_key(s, owner="bob", scopes=["read", "submit"])[1]
         reader = api_keys.create_key(s, owner="alice", scopes=["read"])[1]
+        writer = api_keys.create_key(s, owner="alice", scopes=["submit"])[1]
     with TestClient(app):
-        yield {"app": app, "alice": alice, "bob": bob, "reader": reader, "sent": sent}
+        yield {
+            "app": app,
+            "alice": alice,
+            "bob": bob,
+            "reader": reader,
+            "writer": writer,
+            "sent": sent,
+        }
 
 
 def _signed_in(env: dict[str, Any], who: str = "alice") -> Browser:
@@ -127,6 +135,9 @@ def test_wrong_key_and_missing_login_token_open_no_session(env: dict[str, Any]) 
     r = browser.client.post("/ui/login", data={"api_key": env["alice"], "csrf_token": "forged"})
     assert r.status_code == 403
     assert not any(c.startswith("dpaat_session=") for c in r.headers.get_list("set-cookie"))
+    assert browser.client.get("/ui").status_code == 303
+    r = browser.sign_in(env["writer"])  # a key that cannot read cannot browse either
+    assert r.status_code == 403 and "read" in r.text
     assert browser.client.get("/ui").status_code == 303
 
 

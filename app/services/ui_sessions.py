@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.db.tables import ApiKey, UiSession, utcnow
 from app.services import api_keys
 from app.services.api_keys import Principal
+from app.services.errors import Forbidden
 
 LIFETIME = timedelta(hours=12)
 
@@ -56,10 +57,13 @@ def open_session(session: Session, principal: Principal) -> tuple[str, Opened]:
 
 
 def sign_in(session: Session, raw_key: str) -> tuple[str, Opened] | None:
-    """Open a session with an API key; None when the key is not valid."""
+    """Open a session with an API key; None when the key is not valid, ``Forbidden`` when it
+    cannot read (every page is a read, as GET is in the API)."""
     principal = api_keys.verify_key(session, raw_key.strip())
     if principal is None:
         return None
+    if "read" not in principal.scopes:
+        raise Forbidden("this API key lacks the 'read' scope the dashboard needs")
     return open_session(session, principal)
 
 

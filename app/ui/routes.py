@@ -145,7 +145,10 @@ def login(
     expected = cookie_value(request.scope["headers"], LOGIN_CSRF_COOKIE)
     if not expected or not csrf_token or not secrets.compare_digest(expected, csrf_token):
         return _login_page(request, next, "The form expired: please sign in again.", 403)
-    opened = ui_sessions.sign_in(session, api_key)
+    try:
+        opened = ui_sessions.sign_in(session, api_key)
+    except ServiceError as e:
+        return _login_page(request, next, e.message, 403)
     if opened is None:
         return _login_page(request, next, "This API key is not valid (unknown or revoked).", 401)
     token, _ = opened
