@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import API_PREFIX
 from app.api.deps import DispatcherDep, PredictorDep, SessionDep, SettingsDep, StoreDep
+from app.api.errors import status_of
 from app.api.routes import predict as predict_api
 from app.api.routes.datasets import _name_from
 from app.api.routes.jobs import _detail as job_detail
@@ -228,8 +229,6 @@ def upload_dataset(
                 session, owner, size, window_seconds=settings.upload_quota_window_seconds
             )
     except ServiceError as e:
-        from app.api.errors import status_of
-
         return _datasets_page(request, opened, session, e.message, status_of(e))
     return redirect(f"{UI_PREFIX}/datasets/{row.id}")
 
@@ -340,8 +339,6 @@ def submit_train(
     except ValidationError as e:
         return _jobs_page(request, opened, session, _validation_message(e), 422, form)
     except ServiceError as e:
-        from app.api.errors import status_of
-
         return _jobs_page(request, opened, session, e.message, status_of(e), form)
     return redirect(f"{UI_PREFIX}/jobs/{job.id}")
 
@@ -456,8 +453,6 @@ def submit_evaluate(
     except ValidationError as e:
         return _model_page(request, opened, session, model, _validation_message(e), 422)
     except ServiceError as e:
-        from app.api.errors import status_of
-
         return _model_page(request, opened, session, model, e.message, status_of(e))
     return redirect(f"{UI_PREFIX}/jobs/{job.id}")
 
@@ -588,8 +583,6 @@ async def predict(
             models_registry.get_model, session, model_id, opened.principal.owner
         )
     except ServiceError as e:
-        from app.api.errors import status_of
-
         return _predict_page(
             request, opened, session, status_of(e), chosen=model_id, error=e.message
         )
