@@ -185,9 +185,7 @@ class AuthMiddleware:
         return principal
 
     def _session_principal(self, scope: Scope) -> Principal | None:
-        from app.ui.session import COOKIE, cookie_value
-
-        token = cookie_value(scope["headers"], COOKIE)
+        token = ui_sessions.cookie_value(scope["headers"], ui_sessions.COOKIE)
         if token is None:
             return None
         try:

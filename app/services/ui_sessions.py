@@ -12,6 +12,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from http.cookies import SimpleCookie
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ from app.services.api_keys import Principal
 from app.services.errors import Forbidden
 
 LIFETIME = timedelta(hours=12)
+COOKIE = "dpaat_session"  # the cookie holding a session's token
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,20 @@ class Opened:
 
     principal: Principal
     csrf_token: str
+
+
+def cookie_value(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    """A cookie of the request (None when absent or unparsable)."""
+    for key, value in headers:
+        if key.lower() == b"cookie":
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(value.decode("latin-1"))
+            except Exception:  # a malformed Cookie header is as good as none
+                continue
+            if name in jar:
+                return jar[name].value
+    return None
 
 
 def _digest(token: str) -> str:

@@ -37,16 +37,9 @@ from app.services import (
     ui_sessions,
 )
 from app.services.errors import ServiceError
-from app.services.ui_sessions import Opened
+from app.services.ui_sessions import COOKIE, Opened, cookie_value
 from app.ui import UI_PREFIX
-from app.ui.session import (
-    COOKIE,
-    LOGIN_CSRF_COOKIE,
-    UiDep,
-    check_form,
-    cookie_value,
-    set_cookie_header,
-)
+from app.ui.session import LOGIN_CSRF_COOKIE, UiDep, check_form, set_cookie_header
 from app.ui.templating import templates
 
 router = APIRouter(prefix=UI_PREFIX, include_in_schema=False)

@@ -8,7 +8,6 @@ when authentication is off (the embedded default opens directly), and adds the s
 
 from __future__ import annotations
 
-from http.cookies import SimpleCookie
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -21,10 +20,9 @@ from app.api.auth import unauthenticated_principal
 from app.core.settings import Settings
 from app.services import ui_sessions
 from app.services.errors import Forbidden
-from app.services.ui_sessions import Opened
+from app.services.ui_sessions import COOKIE, Opened, cookie_value
 from app.ui import UI_PREFIX
 
-COOKIE = "dpaat_session"
 LOGIN_CSRF_COOKIE = "dpaat_login_csrf"
 SCOPE_KEY = "dpaat.ui"
 CSP = (
@@ -38,20 +36,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
-
-
-def cookie_value(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
-    """A cookie of the request (None when absent or unparsable)."""
-    for key, value in headers:
-        if key.lower() == b"cookie":
-            jar: SimpleCookie = SimpleCookie()
-            try:
-                jar.load(value.decode("latin-1"))
-            except Exception:  # a malformed Cookie header is as good as none
-                continue
-            if name in jar:
-                return jar[name].value
-    return None
 
 
 def set_cookie_header(
