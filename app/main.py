@@ -21,6 +21,8 @@ from app.services import images
 from app.services.predictor import Predictor
 from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
+from app.ui import UI_PREFIX
+from app.ui import install as ui
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,11 @@ def _body_limits(settings: Settings) -> Callable[[str], int]:
     images = (settings.max_image_mb << 20) * settings.max_batch_images + (1 << 20)
 
     def limit_for(path: str) -> int:
-        if path.endswith("/predict") or path.endswith("/predict/batch"):
+        if path.endswith("/predict") or path.endswith("/predict/batch"):  # API and dashboard
             return images
         if path.rstrip("/") in (f"{API_PREFIX}/{p}" for p in ("datasets", "models", "audits")):
+            return uploads
+        if path == f"{UI_PREFIX}/datasets":  # the dashboard's upload form
             return uploads
         return JSON_BODY_LIMIT
 
@@ -102,6 +106,8 @@ def create_app(
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc are served from local assets by app.ui.install
+        redoc_url=None,
         responses={
             400: {"model": ErrorOut, "description": "Malformed request (unparsable body)"},
             413: {"model": ErrorOut, "description": "Request body over the size limit"},
@@ -125,6 +131,7 @@ def create_app(
     app.state.metrics = Metrics()
 
     errors.install(app)
+    ui.install(app, settings)  # the dashboard (/ui) and offline /docs, /redoc
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     # Outside the body limit: a request without a valid key is refused before anything else.
     app.add_middleware(AuthMiddleware, settings=settings, factory=app.state.sessionmaker)

@@ -36,6 +36,8 @@ def test_web_process_starts_without_torch(tmp_path: Path) -> None:
         "    assert c.get('/health/live').status_code == 200\n"
         "    assert c.get('/openapi.json').status_code == 200\n"
         "    assert c.get('/api/v1/jobs').json()['total'] == 0\n"
+        "    assert c.get('/ui/jobs').status_code == 200\n"  # the dashboard, too
+        "    assert c.get('/docs').status_code == 200\n"
         "print('torch' in sys.modules, 'models' in sys.modules, 'celery' in sys.modules)\n"
     )
     env = {
@@ -63,7 +65,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_routers_never_import_torch_models_or_worker() -> None:
-    for path in sorted((ROOT / "app" / "api").rglob("*.py")):
+    routers = [*(ROOT / "app" / "api").rglob("*.py"), *(ROOT / "app" / "ui").rglob("*.py")]
+    for path in sorted(routers):
         bad = {n for n in _imports(path) if n.split(".")[0] in {"torch", "models", "worker"}}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 

@@ -3,14 +3,17 @@
 A pure ASGI middleware: it matches the request to its route, so the scope a route needs follows
 from the route itself and no route can be left out:
 
-- outside ``/api/v1`` (health, metrics, the OpenAPI documents): public;
+- outside ``/api/v1`` (health, metrics, the OpenAPI documents): public (the dashboard under
+  ``/ui`` checks its own sessions, ``app.ui.session``);
 - ``/api/v1/keys...``: ``admin``;
 - any other ``/api/v1`` route: ``read`` for GET/HEAD, ``submit`` for everything else.
 
 With authentication on, a missing, malformed, unknown or revoked key is a 401 (with a
 ``WWW-Authenticate`` challenge) and a key without the scope a 403 naming it. With it off, the
 owner is the sha256 of whatever ``X-API-Key`` says (no key: ``local``): a namespace, not a lock.
-The resolved :class:`Principal` is left in the ASGI scope for ``deps.current_owner``.
+A GET without a key may carry the dashboard's session cookie instead: it reads as the session's
+owner with the ``read`` scope only (figures and the progress stream load in a browser), never
+writes. The resolved :class:`Principal` is left in the ASGI scope for ``deps.current_owner``.
 
 Uploads (POST routes with a file in their body that the service keeps: datasets, models; not
 predictions) are checked against the owner's upload quota with the declared Content-Length
@@ -35,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import API_PREFIX
 from app.api.errors import error_response
 from app.core.settings import Settings
-from app.services import api_keys, quotas
+from app.services import api_keys, quotas, ui_sessions
 from app.services.api_keys import Principal
 from app.services.errors import Forbidden, ServiceError, Unauthenticated, Unavailable
 
@@ -136,7 +139,13 @@ class AuthMiddleware:
         needed = required_scope(method, template)
         headers = _headers(scope)
         try:
-            principal = await self._principal(needed, presented_key(headers))
+            key = presented_key(headers)
+            if key is None and needed == "read" and self.settings.auth_enabled:
+                # A dashboard session may read (figures, the progress stream); never write.
+                principal = await run_in_threadpool(self._session_principal, scope)
+            else:
+                principal = None
+            principal = principal or await self._principal(needed, key)
             if principal is not None:
                 scope[PRINCIPAL] = principal
             upload = principal is not None and is_upload(
@@ -174,6 +183,20 @@ class AuthMiddleware:
                 f"(it has: {', '.join(sorted(principal.scopes))})"
             )
         return principal
+
+    def _session_principal(self, scope: Scope) -> Principal | None:
+        token = ui_sessions.cookie_value(scope["headers"], ui_sessions.COOKIE)
+        if token is None:
+            return None
+        try:
+            with self.factory() as session:
+                opened = ui_sessions.resolve(session, token)
+        except DBAPIError as e:
+            log.warning("cannot verify a dashboard session: %s", type(e).__name__)
+            raise Unavailable("the database is unavailable; try again shortly") from None
+        if opened is None or "read" not in opened.principal.scopes:
+            return None
+        return Principal(opened.principal.owner, frozenset({"read"}), opened.principal.key_id)
 
     def _verify(self, key: str) -> Principal | None:
         try:

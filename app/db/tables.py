@@ -319,3 +319,19 @@ class UploadUsage(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_upload_usage_owner_created_at", "owner", "created_at"),)
+
+
+class UiSession(Base):
+    """A signed-in browser of the web dashboard (``/ui``). The cookie holds a random token; only
+    its sha256 is kept. ``key_id`` ties the session to the API key it was opened with, so revoking
+    the key ends the session (None: authentication off, the local owner)."""
+
+    __tablename__ = "ui_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()

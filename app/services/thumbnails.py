@@ -1,0 +1,58 @@
+"""What the dashboard shows of a dataset besides its counts: the sizes of its fixed split and a
+few thumbnails (decoded under the pixel limit, re-encoded as small PNGs; chosen by index, never
+by a client's path)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from app.db.tables import Dataset
+from app.services import datasets
+from app.services.errors import NotFound
+from app.services.storage import ArtifactStore
+
+MAX_THUMBS = 6
+SIZE = 96
+_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def split_sizes(row: Dataset, store: ArtifactStore) -> dict[str, int]:
+    """Images per part of the dataset's split (train / val / test)."""
+    path = datasets.manifest_path(row, store)
+    try:
+        parts = json.loads(path.read_text()).get("parts", {})
+    except (OSError, ValueError):
+        return {}
+    return {name: len(files) for name, files in parts.items()}
+
+
+def _images(row: Dataset, store: ArtifactStore) -> list[Path]:
+    root = datasets.dataset_root(row, store)
+    found: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        if "mask" in path.parent.name.lower() or path.suffix.lower() not in _SUFFIXES:
+            continue
+        found.append(path)
+        if len(found) == MAX_THUMBS:
+            break
+    return found
+
+
+def count(row: Dataset, store: ArtifactStore) -> int:
+    return len(_images(row, store))
+
+
+def thumbnail(row: Dataset, store: ArtifactStore, index: int) -> bytes:
+    """The ``index``-th thumbnail of the dataset, a PNG at most SIZE px on a side."""
+    files = _images(row, store)
+    if not 0 <= index < len(files):
+        raise NotFound(f"dataset {row.id} has no thumbnail {index}")
+    with Image.open(files[index]) as im:
+        im.thumbnail((SIZE, SIZE))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
