@@ -52,15 +52,21 @@ class EvalSpec:
     attacks: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 20})
     gradcam: bool = True
     batch_size: int = 128
+    # a second evaluation with a reference implementation (e.g. AutoAttack at 1 and 2/255) on a
+    # class-stratified subset of the same test split: {"attacks", "eps", "limit"}
+    reference: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "limit": self.limit,
             "eps": list(self.eps),
             "attacks": [dict(a) for a in self.attacks],
             "gradcam": self.gradcam,
             "batch_size": self.batch_size,
         }
+        if self.reference is not None:  # absent, not null: older result hashes stay valid
+            out["reference"] = dict(self.reference)
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,8 @@ _TOP_KEYS = {
     "variant",
     "eval",
 }
-_EVAL_KEYS = {"limit", "eps", "attacks", "gradcam", "batch_size"}
+_EVAL_KEYS = {"limit", "eps", "attacks", "gradcam", "batch_size", "reference"}
+_REFERENCE_KEYS = {"attacks", "eps", "limit"}
 _VARIANT_KEYS = {"name", "method", "group", "seeds", "set"}
 
 
@@ -208,6 +215,7 @@ def parse_experiment(body: dict[str, Any], base_dir: Path | None = None) -> Expe
         attacks=tuple(dict(a) for a in ev.get("attacks", EvalSpec.attacks)),
         gradcam=bool(ev.get("gradcam", True)),
         batch_size=int(ev.get("batch_size", 128)),
+        reference=_parse_reference(ev.get("reference")),
     )
     if any(e < 0 for e in spec.eps) or 0.0 not in spec.eps:
         raise ExperimentError("[eval] eps must be >= 0 and include 0 (clean)")
@@ -229,6 +237,20 @@ def parse_experiment(body: dict[str, Any], base_dir: Path | None = None) -> Expe
     for unit in exp.units():
         train_config(unit, data_root=None, manifest=None)  # validates every unit's settings
     return exp
+
+
+def _parse_reference(ref: Any) -> dict[str, Any] | None:
+    if ref is None:
+        return None
+    if not isinstance(ref, dict):
+        raise ExperimentError("[eval.reference] must be a table")
+    _no_unknown(ref, _REFERENCE_KEYS, "[eval.reference]")
+    eps = [float(e) for e in ref.get("eps", (0.0, 1.0, 2.0))]
+    attacks = [dict(a) for a in ref.get("attacks", ({"name": "autoattack"},))]
+    if not attacks or any(e < 0 for e in eps) or 0.0 not in eps:
+        raise ExperimentError("[eval.reference] needs attacks and eps >= 0 including 0")
+    limit = ref.get("limit")
+    return {"attacks": attacks, "eps": eps, "limit": None if limit is None else int(limit)}
 
 
 def _parse_variant(v: dict[str, Any], default_seeds: tuple[int, ...]) -> dict[str, Any]:
@@ -539,6 +561,29 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
     )
     eval_s = time.perf_counter() - t1
     write_report(report, path)
+    ref_report, ref_s = None, 0.0
+    if exp.eval.reference is not None:
+        spec = exp.eval.reference
+        subset = _reference_test(ctx, spec["limit"])
+        log(f"[{unit.key}] reference evaluation ({spec['attacks']}) on {len(subset)} test images")
+        t2 = time.perf_counter()
+        ref_report = evaluate_model(
+            model,
+            subset,
+            eps_list=spec["eps"],
+            attacks=spec["attacks"],
+            batch_size=exp.eval.batch_size,
+            gradcam=False,
+            model_info={**info, "checkpoint_sha256": trained.best_checkpoint_sha256},
+            dataset_info={
+                "name": b.name,
+                "split": "test",
+                "manifest_sha256": b.manifest_sha256,
+                "samples": len(subset),
+                "limit": spec["limit"],
+            },
+        )
+        ref_s = time.perf_counter() - t2
     epoch_seconds = [float(h["seconds"]) for h in trained.history if "seconds" in h]
     return {
         "experiment": exp.name,
@@ -559,6 +604,7 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
         "timings": {
             "train_seconds": round(train_s, 2),
             "eval_seconds": round(eval_s, 2),
+            "reference_seconds": round(ref_s, 2),
             "epoch_seconds": epoch_seconds,
             "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds)
             if epoch_seconds
@@ -569,7 +615,21 @@ def _train_and_evaluate(ctx: _Context, unit: Unit, path: Path, digest: str) -> d
         "torch_threads": _torch_threads(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "report": report,
+        "reference_report": ref_report,
     }
+
+
+def _reference_test(ctx: _Context, limit: int | None) -> Any:
+    """The reference evaluation's images: a class-stratified subset of the same test images."""
+    if limit is None or limit >= len(ctx.test):
+        return ctx.test
+    from models.data import TensorImageDataset
+    from models.training.validation import stratified_subset
+
+    t = ctx.test
+    idx = stratified_subset(t.labels, limit)
+    masks = None if t.masks is None else t.masks[idx]
+    return TensorImageDataset(t.images[idx], t.labels[idx], t.classes, masks)
 
 
 def code_fingerprint() -> str:

@@ -44,6 +44,11 @@ bisection_steps = 2
 eps = [0, 2, 8]
 gradcam = true
 attacks = [{ name = "fgsm" }, { name = "pgd", steps = 3 }]
+
+[eval.reference]
+attacks = [{ name = "pgd", steps = 2 }]
+eps = [0, 2]
+limit = 8
 """
 
 
@@ -90,6 +95,9 @@ def test_result_files_hold_report_history_and_hash(finished: Path) -> None:
         assert 0.0 <= body["report"]["clean"]["accuracy"] <= 1.0
         assert len(body["history"]) == 1 and body["timings"]["epoch_seconds_mean"] > 0
         assert (unit_dir(exp, unit) / "checkpoint.pt").is_file()
+        ref = body["reference_report"]  # the second evaluation, on a subset of the test images
+        assert ref["dataset"]["samples"] == 8 and set(ref["robust"]) == {"0", "2"}
+        assert ref["model"]["checkpoint_sha256"] == body["checkpoint_sha256"]
     dpaat = read_result(unit_dir(exp, exp.units()[1]) / RESULT_FILE)[0]
     assert dpaat is not None and "tau" in dpaat["history"][0] and "eps_hist" in dpaat["history"][0]
 
