@@ -14,7 +14,8 @@ pgd_at_beta = 0.5, and dpaat with beta = 1 vs adversarial-only pgd_at), which is
 machinery (observer, the extra last-iterate forward, bisection, radius bookkeeping); and the
 defaults (dpaat vs adversarial-only pgd_at). Target: <= 1.10.
 
-    .venv/bin/python bench/bench_dpaat.py [--size 32 --limit 200 --batch 64 --steps 10]
+    .venv/bin/python bench/bench_dpaat.py [--arch small_cnn --size 32 --limit 200 --steps 10]
+    (the cpu64 preset: --arch resnet18 --size 64 --steps 3)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--arch", default="small_cnn", help="models.nets architecture")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=200, help="generated images per split part / 2")
     ap.add_argument("--batch", type=int, default=64)
@@ -75,6 +77,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_dpaat_"))
     configs = {
         name: TrainConfig(
+            arch=args.arch,
+            robust_val_eps=0.0,  # the per-epoch robust check is the same for both: left out
+            best_by="last",
             image_size=args.size,
             limit=args.limit,
             batch_size=args.batch,
@@ -108,7 +113,7 @@ def main() -> None:
 
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in timings.items()}
     print(
-        f"train images {len(data.train)}, {args.size} px, small_cnn, batch {args.batch}, "
+        f"train images {len(data.train)}, {args.size} px, {args.arch}, batch {args.batch}, "
         f"K = {args.steps}, bisection B = 5, timed epoch {args.warm + 1}, {args.repeats} repeats, "
         f"torch threads {torch.get_num_threads()}"
     )
