@@ -357,7 +357,10 @@ def test_loose_thresholds_pass_with_exit_0_and_three_files(
     assert "![Recall per class and eps](class_recall.png)" in md, "figures linked beside it"
     for name in ("robustness_curve.png", "class_recall.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert f"| 2 | {doc['robust']['2']['accuracy']:.3f} |" in md, "the curve's numbers"
+    at2 = doc["robust"]["2"]
+    iv = at2["intervals"]["accuracy"]
+    cell = f"| 2 | {at2['accuracy']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] |"
+    assert cell in md, "the curve's numbers, with their 95 % intervals"
 
 
 def test_the_same_ci_run_reuses_its_audit(server: Server, loose: tuple[Path, Any]) -> None:

@@ -746,7 +746,13 @@ def test_compare_audits_side_by_side(
         assert item["curve_auc"] == report["curve_auc"]
     assert doc["items"][1]["clean"]["balanced_accuracy"] == pytest.approx(1 / 3)
     md = service.client.get(f"{API}/compare?{query}&format=md").text
-    a2 = [f"{x['robust']['2']['accuracy']:.3f}" for x in doc["items"]]
+    # every figure carries its 95 % interval, here and in the Markdown
+    ivs = [x["robust"]["2"]["intervals"]["accuracy"] for x in doc["items"]]
+    assert all(iv["n"] == x["robust"]["2"]["n"] for iv, x in zip(ivs, doc["items"], strict=True))
+    a2 = [
+        f"{x['robust']['2']['accuracy']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+        for x, iv in zip(doc["items"], ivs, strict=True)
+    ]
     assert (
         "| metric | derm-cnn | derm-cnn-v2 |" in md
         and f"| accuracy @ 2/255 | {a2[0]} | {a2[1]} |" in md

@@ -29,6 +29,21 @@ def _num(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ci(section: Mapping[str, Any], key: str) -> str:
+    """``value [low, high]`` when the report has the metric's 95 % interval, else the value; a
+    ``recall.<class>`` key reads the class's recall."""
+    if key.startswith("recall."):
+        cls = key.removeprefix("recall.")
+        value = (section.get("recall") or {}).get(cls)
+        iv = ((section.get("intervals") or {}).get("recall") or {}).get(cls) or {}
+    else:
+        value = section.get(key)
+        iv = (section.get("intervals") or {}).get(key) or {}
+    if value is None or iv.get("low") is None:
+        return _num(value)
+    return f"{_num(value)} [{_num(iv['low'])}, {_num(iv['high'])}]"
+
+
 def cases(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     """``(kind, result)`` of every rule: the thresholds, then the regression rules."""
     audit = doc.get("audit") or {}
@@ -187,12 +202,14 @@ def markdown(
     lines += _table(
         header,
         [
-            [f"{float(r['eps']):g}", _num(r.get("accuracy")), _num(r.get("balanced_accuracy"))]
-            + [_num(r.get("map"))]
-            + ([_num((r.get("recall") or {}).get("mel"))] if mel else [])
+            [f"{float(r['eps']):g}", _ci(r, "accuracy"), _ci(r, "balanced_accuracy")]
+            + [_ci(r, "map")]
+            + ([_ci(r, "recall.mel")] if mel else [])
             for r in rows
         ],
     )
+    lines += ["", "<sub>In brackets: 95 % intervals (Wilson; bootstrap for balanced accuracy "
+              "and mAP).</sub>"]  # fmt: skip
     if plot:
         lines += ["", f"![Robustness curve]({plot})"]
     failing = [c for c in doc.get("checks") or [] if c.get("status") != "pass"]
@@ -227,9 +244,9 @@ def comparison_markdown(doc: Mapping[str, Any], curve: str | None = None) -> str
         ["outcome", *[outcome(i) for i in items]],
         ["validity checks", *[str(i.get("verdict")).upper() for i in items]],
         ["curve area", *[_num(i.get("curve_auc")) for i in items]],
-        ["clean accuracy", *[_num((i.get("clean") or {}).get("accuracy")) for i in items]],
+        ["clean accuracy", *[_ci(i.get("clean") or {}, "accuracy") for i in items]],
         ["clean balanced accuracy",
-         *[_num((i.get("clean") or {}).get("balanced_accuracy")) for i in items]],
+         *[_ci(i.get("clean") or {}, "balanced_accuracy") for i in items]],
     ]  # fmt: skip
     mel = all("mel" in ((i.get("clean") or {}).get("recall") or {}) for i in items)
     for eps in doc.get("eps") or []:
@@ -237,17 +254,12 @@ def comparison_markdown(doc: Mapping[str, Any], curve: str | None = None) -> str
             continue
         key = f"{float(eps):g}"
         robust = [(i.get("robust") or {}).get(key) or {} for i in items]
-        rows.append([f"accuracy @ {key}/255", *[_num(r.get("accuracy")) for r in robust]])
+        rows.append([f"accuracy @ {key}/255", *[_ci(r, "accuracy") for r in robust]])
         rows.append(
-            [f"balanced accuracy @ {key}/255", *[_num(r.get("balanced_accuracy")) for r in robust]]
+            [f"balanced accuracy @ {key}/255", *[_ci(r, "balanced_accuracy") for r in robust]]
         )
         if mel:
-            rows.append(
-                [
-                    f"mel recall @ {key}/255",
-                    *[_num((r.get("recall") or {}).get("mel")) for r in robust],
-                ]
-            )
+            rows.append([f"mel recall @ {key}/255", *[_ci(r, "recall.mel") for r in robust]])
     lines = [f"## Robustness comparison of {len(items)} reports", "", *_table(header, rows)]
     notes = list(doc.get("notes") or [])
     if notes:

@@ -14,7 +14,7 @@ from app.services import audits, models_registry
 from app.services.errors import Conflict, Invalid, NotFound
 
 MAX_ITEMS = 8
-_METRICS = ("accuracy", "balanced_accuracy", "map", "auroc", "recall")
+_METRICS = ("accuracy", "balanced_accuracy", "map", "auroc", "recall", "n", "intervals")
 
 
 @dataclass(frozen=True)
