@@ -8,6 +8,11 @@
     channels-last batch (same kernels as ours: isolates the loop from the layout).
 (c) for information: APGD-CE-K and Square (K queries) against the same baseline.
 
+`--table`: (b) for every architecture of models.nets and a timm model (`--timm`, skipped when timm
+is missing): our PGD-K / torchattacks PGD-K given the caller's NCHW batch, best of `--repeats`
+interleaved rounds, with the layout our probe chose (models/attacks/layout.py) and the probe's
+cost. Target <= 1.00 everywhere. `--table --threads 1 --batch 32` is the issue-11 table.
+
 Each repeat runs every case once, odd repeats in reverse order; both wall-clock and process CPU
 time are printed. On a shared, loaded machine `--threads 1` gives the stable figures (two torch
 threads per process on two busy cores spin against other processes' threads).
@@ -28,12 +33,13 @@ from pathlib import Path
 
 import torch
 import torchattacks
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.attacks import APGDCE, PGD, Square
-from models.attacks.base import attack_mode, input_grad, per_sample_ce
-from models.nets import build_model
+from models.attacks import APGDCE, PGD, Square, layout
+from models.attacks.base import attack_mode, fast_layout, input_grad, per_sample_ce
+from models.nets import ARCHITECTURES, build_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,13 +53,104 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=6, help="even: half run in reverse order")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-extra", action="store_true", help="skip (c)")
+    p.add_argument("--table", action="store_true", help="(b) for every architecture, see above")
+    p.add_argument("--archs", default=",".join(ARCHITECTURES), help="--table: models.nets names")
+    p.add_argument("--timm", default="convnext_atto", help="--table: timm models ('' for none)")
     return p.parse_args()
+
+
+def timm_builders(names: str, classes: int, size: int) -> dict[str, Callable[[], nn.Module]]:
+    """timm models (random weights, never downloaded); none when timm is not installed."""
+    if not names:
+        return {}
+    try:
+        import timm
+    except ImportError:
+        print(f"timm is not installed: rows {names} skipped (pip install timm)")
+        return {}
+
+    def build(name: str) -> nn.Module:
+        try:  # ViTs need the image size
+            return timm.create_model(name, pretrained=False, num_classes=classes, img_size=size)
+        except TypeError:
+            return timm.create_model(name, pretrained=False, num_classes=classes)
+
+    return {f"timm {n}": lambda n=n: build(n) for n in names.split(",")}
+
+
+def table(args: argparse.Namespace) -> None:
+    """Our PGD-K / torchattacks PGD-K on every architecture, with the layout our probe chose."""
+    builders: dict[str, Callable[[], nn.Module]] = {
+        a: lambda a=a: build_model(a, args.classes) for a in args.archs.split(",") if a
+    }
+    builders |= timm_builders(args.timm, args.classes, args.size)
+    load0 = os.getloadavg()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"torchattacks {torchattacks.__version__}; {args.batch} x 3 x {args.size} x {args.size}, "
+        f"PGD-{args.steps}, eps {args.eps:g}/255, best of {args.repeats} interleaved rounds"
+    )
+    print(
+        f"| model | layout chosen | probe: fwd+bwd NCHW / channels-last (s) | probe cost (s) "
+        f"| probe / our PGD | our PGD-{args.steps} (s) | torchattacks PGD-{args.steps} (s) "
+        f"| ratio, best | ratio, paired median |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        print(table_row(name, build().eval(), args), flush=True)
+    load1 = os.getloadavg()
+    print(f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
+
+
+def table_row(name: str, model: nn.Module, args: argparse.Namespace) -> str:
+    """One model: probe once (cost timed on its own), warm up, then interleaved rounds."""
+    k, eps = args.steps, args.eps / 255
+    x = torch.rand(args.batch, 3, args.size, args.size)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    layout.clear_cache()
+    with attack_mode(model):
+        fast_layout(x, model)  # the probe our first attack would run
+    choice = layout.cached(model, x)
+    ours = PGD(model, steps=k, alpha_factor=2.5, batch_size=args.batch)
+    theirs = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / k, steps=k, random_start=True)
+    cases: dict[str, Callable[[], object]] = {
+        "ours": lambda: ours(x, y, eps),
+        "theirs": lambda: theirs(x, y),
+    }
+    for fn in cases.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for r in range(args.repeats):
+        for c in list(cases) if r % 2 == 0 else list(cases)[::-1]:
+            t0 = time.perf_counter()
+            cases[c]()
+            times[c].append(time.perf_counter() - t0)
+    o, t = times["ours"], times["theirs"]
+    paired = statistics.median(a / b for a, b in zip(o, t, strict=True))
+    if choice is None:  # DPAAT_ATTACK_LAYOUT forces one: no probe
+        chosen, probe = f"{os.environ.get(layout.LAYOUT_ENV)} (forced)", "- | - | -"
+    else:
+        chosen = "channels-last" if choice.channels_last else "NCHW"
+        probe = (
+            f"{choice.nchw_s:.3f} / {choice.channels_last_s:.3f} | {choice.probe_s:.2f} "
+            f"| {choice.probe_s / min(o):.2f}"
+        )
+    return (
+        f"| {name} | {chosen} | {probe} | {min(o):.3f} | {min(t):.3f} "
+        f"| {min(o) / min(t):.3f} | {paired:.3f} |"
+    )
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table:
+        table(args)
+        return
     torch.manual_seed(0)
     model = build_model(args.arch, args.classes).eval()
     x = torch.rand(args.batch, 3, args.size, args.size)
