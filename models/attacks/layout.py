@@ -4,8 +4,8 @@ Channels-last lets oneDNN skip a reorder in every convolution for some architect
 the MobileNets, EfficientNet, DenseNet: 1.2-1.5x faster forward+backward on a 1-thread x86 CPU)
 and slows others (resnet18: 1.25x slower); no rule predicts which. So the first attack on a
 given model, device, dtype, image shape and batch size class times a few input-gradient passes in
-both layouts (a probe: one warm-up pass each, then ``ROUNDS`` alternating rounds, best time per
-layout) and the faster layout is kept for the rest of the process. Channels-last must win by
+both layouts (a probe: one warm-up pass each, then ``ROUNDS`` alternating rounds, best CPU time
+per layout) and the faster layout is kept for the rest of the process. Channels-last must win by
 ``MARGIN`` to be chosen: on a tie the plain contiguous layout needs no conversion.
 
 Values do not depend on the layout, only their rounding does (the convolution kernels differ), so
@@ -32,14 +32,16 @@ MARGIN = 0.03  # channels-last must be this much faster to be chosen
 
 log = logging.getLogger(__name__)
 
-# the probe's clock; tests replace it to make the measurement deterministic
-clock: Callable[[], float] = time.perf_counter
+# the probe's clock; tests inject one to make the measurement exact. None: the process's CPU time
+# on the CPU (a neighbour's load preempts a pass but does not add to it: with a busy machine wall
+# times of one pass spread by 2x), wall time on an accelerator (after a synchronize)
+clock: Callable[[], float] | None = None
 
 
 @dataclass(frozen=True)
 class LayoutChoice:
-    """A probe's outcome: the layout chosen, the best pass time in each layout (s) and the wall
-    time the probe itself took (s)."""
+    """A probe's outcome: the layout chosen, the best pass time in each layout (s, the probe's
+    clock) and the wall time the probe itself took (s)."""
 
     channels_last: bool
     nchw_s: float
@@ -115,7 +117,9 @@ def _sync(device: torch.device) -> None:
 def measure(x: torch.Tensor, run_pass: Callable[[torch.Tensor], object]) -> LayoutChoice:
     """Time ``run_pass`` (one forward+backward w.r.t. the input, or one forward) on ``x`` in
     both layouts."""
-    start = clock()
+    timer = clock or (time.process_time if x.device.type == "cpu" else time.perf_counter)
+    wall = clock or time.perf_counter
+    start = wall()
     inputs = (x.contiguous(), x.contiguous(memory_format=torch.channels_last))
     for t in inputs:  # warm-up: oneDNN/cuDNN primitive creation, allocator
         run_pass(t)
@@ -123,11 +127,11 @@ def measure(x: torch.Tensor, run_pass: Callable[[torch.Tensor], object]) -> Layo
     best = [math.inf, math.inf]
     for r in range(ROUNDS):
         for i in (0, 1) if r % 2 == 0 else (1, 0):  # alternate: a drift in load hits both
-            t0 = clock()
+            t0 = timer()
             run_pass(inputs[i])
             _sync(x.device)
-            best[i] = min(best[i], clock() - t0)
-    return LayoutChoice(best[1] < best[0] * (1 - MARGIN), best[0], best[1], clock() - start)
+            best[i] = min(best[i], timer() - t0)
+    return LayoutChoice(best[1] < best[0] * (1 - MARGIN), best[0], best[1], wall() - start)
 
 
 def prefers_channels_last(
