@@ -105,7 +105,7 @@ def table(args: argparse.Namespace) -> None:
 
 
 def table_row(name: str, model: nn.Module, args: argparse.Namespace) -> str:
-    """One model: probe once (cost timed on its own), warm up, then interleaved rounds."""
+    """One model: probe once (cost timed on its own), then interleaved rounds."""
     k, eps = args.steps, args.eps / 255
     x = torch.rand(args.batch, 3, args.size, args.size)
     with torch.no_grad():
@@ -120,8 +120,7 @@ def table_row(name: str, model: nn.Module, args: argparse.Namespace) -> str:
         "ours": lambda: ours(x, y, eps),
         "theirs": lambda: theirs(x, y),
     }
-    for fn in cases.values():  # warm-up
-        fn()
+    # no separate warm-up: the probe ran both layouts' kernels, and the best round discards a cold one
     times: dict[str, list[float]] = {c: [] for c in cases}
     cpu: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(args.repeats):
