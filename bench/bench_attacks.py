@@ -120,7 +120,7 @@ def table_row(name: str, model: nn.Module, args: argparse.Namespace) -> str:
         "ours": lambda: ours(x, y, eps),
         "theirs": lambda: theirs(x, y),
     }
-    # no separate warm-up: the probe ran both layouts' kernels, and the best round discards a cold one
+    # no separate warm-up: the probe ran both layouts' kernels; the best round drops a cold one
     times: dict[str, list[float]] = {c: [] for c in cases}
     cpu: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(args.repeats):
