@@ -66,7 +66,7 @@ def timm_builders(names: str, classes: int, size: int) -> dict[str, Callable[[],
     try:
         import timm
     except ImportError:
-        print(f"timm is not installed: rows {names} skipped (pip install timm)")
+        print(f"timm is not installed: rows {names} skipped (pip install -e .[bench])")
         return {}
 
     def build(name: str) -> nn.Module:
