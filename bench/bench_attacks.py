@@ -2,10 +2,11 @@
 
 (a) our PGD-K / (K x one forward+backward of the same batch w.r.t. the input, model in eval mode):
     the overhead of the loop itself. Target <= 1.05. Printed against the forward+backward in the
-    layout our loop runs in (channels-last on the CPU) and in the caller's layout (NCHW).
+    layout our loop runs in (chosen per model by a probe, models/attacks/layout.py) and in the
+    caller's layout (NCHW).
 (b) our PGD-K / torchattacks PGD-K, same model, batch, eps, step and steps. Target <= 0.90.
-    Printed with torchattacks given the caller's NCHW batch (what a user of it gets) and given a
-    channels-last batch (same kernels as ours: isolates the loop from the layout).
+    Printed with torchattacks given the caller's NCHW batch (what a user of it gets) and given the
+    batch in our loop's layout (same kernels as ours: isolates the loop from the layout).
 (c) for information: APGD-CE-K and Square (K queries) against the same baseline.
 
 `--table`: (b) for every architecture of models.nets and a timm model (`--timm`, skipped when timm
@@ -158,7 +159,9 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size)
     with torch.no_grad():  # labels = predictions: every sample is attacked by every attack
         y = model(x).argmax(1)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with attack_mode(model):
+        x_cl = fast_layout(x, model)  # our loop's layout: the probe runs here (or it is forced)
+    ours_layout = "NCHW" if x_cl.is_contiguous() else "channels-last"
     k, eps = args.steps, args.eps / 255
     alpha = 2.5 * eps / k
 
@@ -173,11 +176,11 @@ def main() -> None:
     ours = PGD(model, steps=k, alpha_factor=2.5, batch_size=args.batch)
     theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=k, random_start=True)
     cases: dict[str, Callable[[], object]] = {
-        "K x fwd+bwd (channels-last)": fwd_bwd(x_cl),
+        "K x fwd+bwd (our layout)": fwd_bwd(x_cl),
         "K x fwd+bwd (NCHW)": fwd_bwd(x),
         "our PGD": lambda: ours(x, y, eps),
         "torchattacks PGD (NCHW input)": lambda: theirs(x, y),
-        "torchattacks PGD (channels-last input)": lambda: theirs(x_cl, y),
+        "torchattacks PGD (our layout's input)": lambda: theirs(x_cl, y),
     }
     if not args.no_extra:
         apgd = APGDCE(model, steps=k, batch_size=args.batch)
@@ -226,14 +229,14 @@ def main() -> None:
             out.append(f"{paired:6.3f} ({min(t[num]) / min(t[den]):6.3f})")
         return "   ".join(out)
 
-    fb_cl, fb, pgd = "K x fwd+bwd (channels-last)", "K x fwd+bwd (NCHW)", "our PGD"
+    fb_cl, fb, pgd = "K x fwd+bwd (our layout)", "K x fwd+bwd (NCHW)", "our PGD"
     rows = [
         ("(a) our PGD / K x fwd+bwd, target <= 1.05", None, None),
-        ("    fwd+bwd in the layout our loop uses", pgd, fb_cl),
+        (f"    fwd+bwd in our loop's layout ({ours_layout})", pgd, fb_cl),
         ("    fwd+bwd in the caller's NCHW layout", pgd, fb),
         ("(b) our PGD / torchattacks PGD, target <= 0.90", None, None),
         ("    torchattacks given NCHW input", pgd, "torchattacks PGD (NCHW input)"),
-        ("    torchattacks given channels-last", pgd, "torchattacks PGD (channels-last input)"),
+        ("    torchattacks given our loop's layout", pgd, "torchattacks PGD (our layout's input)"),
     ]
     if not args.no_extra:
         rows += [
