@@ -12,6 +12,11 @@ import pytest
 
 from models.data import default_data_root
 
+# Attack loops pick their memory layout by timing it (models/attacks/layout.py), which would make a
+# test's rounding depend on the machine's load: the suite pins the previous CPU default (a run may
+# set another), and tests/test_layout.py unpins it.
+os.environ.setdefault("DPAAT_ATTACK_LAYOUT", "channels_last")
+
 
 def _require(flag: str, reason: str) -> None:
     if os.environ.get(flag) == "1":

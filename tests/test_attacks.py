@@ -23,7 +23,7 @@ from models.attacks import (
     pgd_steps,
 )
 from models.attacks.apgd import apgd_run, checkpoints, dlr_loss, halve_step, targeted_dlr_loss
-from models.attacks.base import attack_mode
+from models.attacks.base import attack_mode, fast_layout
 from models.attacks.square import p_fraction
 from models.data import synthetic_dataset
 from models.nets import build_model
@@ -223,7 +223,7 @@ def test_pgd_class_matches_torchattacks_without_random_start(
     trained: nn.Module, test_batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     x, y = test_batch
-    xl = x.contiguous(memory_format=torch.channels_last)
+    xl = fast_layout(x, trained)  # the layout our loop runs in: the same kernels
     ours = PGD(trained, steps=3, alpha_factor=2.5, random_init=False)(x, y, 6 / 255)
     theirs = torchattacks.PGD(trained, eps=6 / 255, alpha=5 / 255, steps=3, random_start=False)
     assert float((ours - theirs(xl, y)).abs().max()) < 1e-6
@@ -233,7 +233,7 @@ def test_fgsm_matches_torchattacks(
     trained: nn.Module, test_batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     x, y = test_batch
-    xl = x.contiguous(memory_format=torch.channels_last)
+    xl = fast_layout(x, trained)  # the layout our loop runs in: the same kernels
     ours = FGSM(trained)(x, y, 8 / 255)
     theirs = torchattacks.FGSM(trained, eps=8 / 255)(xl, y)
     assert float((ours - theirs).abs().max()) < 1e-6
@@ -350,8 +350,13 @@ class _BlackBoxProbe(nn.Module):
 
 
 def test_square_is_black_box_and_respects_its_budget(
-    trained: nn.Module, test_batch: tuple[torch.Tensor, torch.Tensor]
+    trained: nn.Module,
+    test_batch: tuple[torch.Tensor, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # a layout probe's forward passes are not queries (tests/test_layout.py checks it asks for no
+    # gradient): pinned here so that every pass counted is the attack's
+    monkeypatch.setenv("DPAAT_ATTACK_LAYOUT", "channels_last")
     x, y = test_batch[0][:16], test_batch[1][:16]
     probe = _BlackBoxProbe(trained).eval()  # the attack restores this mode on ``trained`` too
     eps = torch.full((len(x),), 16 / 255)

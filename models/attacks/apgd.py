@@ -25,7 +25,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.attacks.base import Attack, LossFn, fast_layout, input_grad, per_sample_ce, view
+from models.attacks.base import (
+    Attack,
+    LossFn,
+    fast_layout,
+    input_grad,
+    like_input,
+    per_sample_ce,
+    view,
+)
 from models.attacks.pgd import NORMS, l2_norm, project, random_start
 
 _DLR_EPS = 1e-12
@@ -95,7 +103,7 @@ def apgd_run(
     must be in attack mode. The fooling iterate is meaningful where ``fooled`` is true.
     """
     x_in = x
-    x = fast_layout(x)
+    x = fast_layout(x, model)
     if norm == "linf":
         e = view(eps, x)
         lo, hi = (x - e).clamp_(min=0.0), (x + e).clamp_(max=1.0)
@@ -113,7 +121,7 @@ def apgd_run(
             return g.sign()
         return g / view(l2_norm(g).clamp_min(1e-12), g)
 
-    x_k = proj(x + fast_layout(init))
+    x_k = proj(x + fast_layout(init, model))
     grad, loss, logits = input_grad(model, x_k, y, loss_fn)
     fooled = logits.argmax(1) != y
     x_fool = x_k
@@ -159,9 +167,7 @@ def apgd_run(
             halved_at_mark, best_at_mark = halve, best_loss
             n_up = torch.zeros_like(n_up)
             last_mark = k + 1
-    if x_in.is_contiguous():
-        x_best, x_fool = x_best.contiguous(), x_fool.contiguous()
-    return x_best, best_loss, fooled, x_fool
+    return like_input(x_best, x_in), best_loss, fooled, like_input(x_fool, x_in)
 
 
 class APGD(Attack):
@@ -205,7 +211,7 @@ class APGD(Attack):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.model(fast_layout(x))
+            logits = self.model(fast_layout(x, self.model))
         k = logits.shape[1]
         if k < self.min_classes:
             raise ValueError(f"{self.name} needs at least {self.min_classes} classes, got {k}")

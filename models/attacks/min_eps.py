@@ -135,7 +135,7 @@ def robustness_score(
     radii = radius_grid(cap, n_radii, eps_list)
     r = len(radii)
     with attack_mode(model), torch.no_grad():
-        chunks = [fast_layout(x[s : s + batch_size]) for s in range(0, n, batch_size)]
+        chunks = [fast_layout(x[s : s + batch_size], model) for s in range(0, n, batch_size)]
         pred = torch.cat([model(c).argmax(1) for c in chunks])
 
     def search(

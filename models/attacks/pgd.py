@@ -14,7 +14,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.attacks.base import Attack, LossFn, fast_layout, input_grad, per_sample_ce, view
+from models.attacks.base import (
+    Attack,
+    LossFn,
+    fast_layout,
+    input_grad,
+    like_input,
+    per_sample_ce,
+    view,
+)
 
 # observer(step, x_adv, per_sample_loss, logits): step 0 is the start point, step k the k-th iterate
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -85,17 +93,17 @@ def pgd_steps(
 
     The model must already be in attack mode (see :func:`models.attacks.base.attack_mode`).
     ``observe_last`` adds one forward pass (no backward) so the observer also sees the last iterate.
-    ``channels_last`` picks the memory layout of the iterates (see
-    :func:`models.attacks.base.fast_layout`; the observer sees them in that layout); the result
-    comes back in ``x``'s layout.
+    ``channels_last`` forces the memory layout of the iterates; None (default) uses the one
+    measured fastest for ``model`` (see :func:`models.attacks.base.fast_layout`). The observer
+    sees the iterates in that layout; the result comes back in ``x``'s layout.
     """
     x_in = x.detach()
-    x = fast_layout(x_in, channels_last)
+    x = fast_layout(x_in, model, channels_last)
     if norm == "linf":
         # the ball and [0, 1] intersected once: each step is then sign, multiply-add and clamp
         e = view(eps, x)
         lo, hi = (x - e).clamp_(min=0.0), (x + e).clamp_(max=1.0)
-        start = x if init is None else x + fast_layout(init, channels_last)
+        start = x if init is None else x + fast_layout(init, model, channels_last)
         x_adv = start.clamp(min=lo, max=hi)
     elif norm == "l2":
         delta = torch.zeros_like(x) if init is None else project(init, eps, norm)
@@ -118,8 +126,7 @@ def pgd_steps(
         with torch.no_grad():
             logits = model(x_adv)
             observer(steps, x_adv, loss_fn(logits, target), logits)
-    x_adv = x_adv.detach()
-    return x_adv.contiguous() if x_in.is_contiguous() else x_adv
+    return like_input(x_adv.detach(), x_in)
 
 
 class PGD(Attack):

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.attacks.base import Attack, fast_layout, view
+from models.attacks.base import Attack, fast_layout, like_input, view
 
 # (fraction of the budget used, divisor of p_init) on the paper's schedule (defined for 10,000
 # queries and rescaled to the budget, as in the authors' code)
@@ -91,7 +91,7 @@ class Square(Attack):
     @torch.no_grad()
     def perturb(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        x_in, x = x, fast_layout(x)
+        x_in, x = x, fast_layout(x, self.model, backward=False)  # no gradient, ever
         e = view(eps, x)
         lo, hi = (x - e).clamp_(min=0.0), (x + e).clamp_(max=1.0)
         # Every random draw is made for the whole chunk and the rows in play taken from it, so a
@@ -146,4 +146,4 @@ class Square(Attack):
             x_best[idx] = torch.where(view(better, cand), cand, bi)
             best_margin[idx] = torch.where(better, new_margin, best_margin[idx])
         self._chunk_queries.append(queries.cpu())
-        return x_best.contiguous() if x_in.is_contiguous() else x_best
+        return like_input(x_best, x_in)

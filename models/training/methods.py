@@ -263,7 +263,7 @@ class DPAAT(Method):
         loss, clean, adv = mixed_loss(model, x, x_adv, y, cfg.beta, self.class_weight)
         if clean is None:  # beta = 1: the update rules still need the clean prediction
             with attack_mode(model), torch.no_grad():
-                clean = model(fast_layout(x))
+                clean = model(fast_layout(x, model))
         clean = clean.detach()
         ok = clean.argmax(1) == y
         broken = observer.broken
