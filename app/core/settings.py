@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     # Micro-batching in the worker: after the first request, wait at most this long for more
     # requests to the same model, and never put more than this many images in one batch.
     predict_batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
-    predict_batch_max_images: int = Field(default=32, gt=0, le=1024)
+    # 8: on a CPU the cost per image is lowest at 4-8 images (each image is replicated once per
+    # radius, ~13 rows; larger batches are memory-bound: docs/benchmarks.md); raise it on a GPU.
+    predict_batch_max_images: int = Field(default=8, gt=0, le=1024)
     sse_poll_seconds: float = Field(default=1.0, ge=0.01)  # DB poll rate of the progress stream
     sse_max_seconds: float = Field(default=3600.0, gt=0)  # a stream ends after this at the latest
 
