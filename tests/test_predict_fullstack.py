@@ -207,9 +207,11 @@ def test_a_worker_killed_mid_batch_leaves_no_request_hanging(
         time.sleep(1.5)  # the messages are taken and the batch is computing
         stack.stop_predict_workers(kill=True)
         results = [f.result(timeout=TIMEOUT + 40) for f in futures]
-    assert metric(stack, "dpaat_predict_batched_requests") == before, "killed before answering"
-    for status, elapsed in results:
-        assert status == 503, results
-        assert elapsed <= TIMEOUT + 5, results
+    served = metric(stack, "dpaat_predict_batched_requests") - before
+    # Answered before the kill: 200; lost with the worker: 503 at the timeout; nothing else.
+    assert {status for status, _ in results} <= {200, 503}, results
+    assert sum(status == 200 for status, _ in results) == served, (results, served)
+    assert any(status == 503 for status, _ in results), "the kill hit no request in flight"
+    assert all(elapsed <= TIMEOUT + 5 for _, elapsed in results), results
     stack.start_predict_worker()
     assert answered(stack, model_id, lesions[1])
