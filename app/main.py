@@ -18,7 +18,7 @@ from app.core.settings import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import ErrorOut
 from app.services import images
-from app.services.predictor import Predictor
+from app.services.prediction import PredictionService
 from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
 from app.ui import UI_PREFIX
@@ -99,6 +99,7 @@ def create_app(
 
             upgrade(settings.database_url)
         yield
+        await _app.state.predictions.aclose()
         engine.dispose()
 
     app = FastAPI(
@@ -126,9 +127,10 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = ArtifactStore(settings.artifact_dir)
-    app.state.predictor = Predictor(settings.predictor_cache_size, settings.predict_concurrency)
     app.state.dispatcher = dispatcher or _default_dispatcher
     app.state.metrics = Metrics()
+    # Predictions: on the workers, or in this process without a broker (issue 12).
+    app.state.predictions = PredictionService(settings, app.state.metrics.registry)
 
     errors.install(app)
     ui.install(app, settings)  # the dashboard (/ui) and offline /docs, /redoc

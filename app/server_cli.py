@@ -88,11 +88,22 @@ def serve(
 
 def worker(
     queues: str | None = typer.Option(
-        None, "--queues", "-Q", help="Comma-separated queues (default: train, evaluate, default)."
+        None,
+        "--queues",
+        "-Q",
+        help="Comma-separated queues: train, evaluate, predict, default (default: all but "
+        "predict). The names are DPAAT_TRAIN_QUEUE, DPAAT_EVALUATE_QUEUE, DPAAT_PREDICT_QUEUE.",
     ),
-    concurrency: int = typer.Option(1, min=1, help="Tasks at once; one per GPU."),
-    pool: str = typer.Option(
-        "prefork", help="prefork (tasks in a child process) | solo (in this process) | threads"
+    concurrency: int | None = typer.Option(
+        None,
+        min=1,
+        help="Tasks at once (default: 1, one per GPU; a predict worker: twice "
+        "DPAAT_PREDICT_BATCH_MAX_IMAGES, requests that wait to be batched together).",
+    ),
+    pool: str | None = typer.Option(
+        None,
+        help="prefork (tasks in a child process) | solo (in this process) | threads "
+        "(default: threads for a predict-only worker, which batches in one process; else prefork)",
     ),
     beat: bool = typer.Option(
         False, "--beat", help="Also run the reaper schedule (exactly one process should)."
@@ -103,7 +114,8 @@ def worker(
     ),
     log_level: str = typer.Option("info"),
 ) -> None:
-    """Run a Celery worker for the full deployment (needs BROKER_URL)."""
+    """Run a Celery worker for the full deployment (needs BROKER_URL). Training/evaluation
+    workers (`--queues train,evaluate`) and prediction workers (`--queues predict`) scale apart."""
     from app.core.settings import get_settings
 
     settings = get_settings()
@@ -117,15 +129,27 @@ def worker(
     _refuse_without_auth("worker")
     from worker.celery_app import DEFAULT_QUEUE, celery_app
 
-    if pool not in ("prefork", "solo", "threads"):
-        raise typer.BadParameter("pool must be prefork, solo or threads")
-    names = queues or ",".join(
+    names = [q.strip() for q in (queues or "").split(",") if q.strip()] or list(
         dict.fromkeys([settings.train_queue, settings.evaluate_queue, DEFAULT_QUEUE])
     )
+    predict_only = names == [settings.predict_queue]
+    pool = pool or ("threads" if predict_only else "prefork")
+    if pool not in ("prefork", "solo", "threads"):
+        raise typer.BadParameter("pool must be prefork, solo or threads")
+    if concurrency is None:
+        concurrency = 2 * settings.predict_batch_max_images if predict_only else 1
+    if pool == "threads" and settings.predict_queue in names:
+        # Predictions run in this very process: import torch now, not on the first request.
+        import importlib
+        import threading
+
+        threading.Thread(
+            target=importlib.import_module, args=("models.api",), name="preload", daemon=True
+        ).start()
     argv = [
         "worker",
         f"--loglevel={log_level.upper()}",
-        f"--queues={names}",
+        f"--queues={','.join(names)}",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
         # Workers share nothing but the database: no broadcast chatter at start-up.

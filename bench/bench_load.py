@@ -14,6 +14,15 @@ after a warm-up, at the end, the peak sampled each second, and the growth.
     .venv/bin/python bench/bench_load.py --url http://127.0.0.1:8000 --api-key dpk_... \\
         --pids 1234,5678                                       # an already running service
 
+Issue 12 (predictions on the workers), side by side in one run:
+
+    git archive <commit before issue 12> | tar -x -C /tmp/dpaat-baseline
+    .venv/bin/python bench/bench_load.py --compare /tmp/dpaat-baseline --seconds 20
+        # the in-API design (the baseline checkout), then 1 and 2 prediction workers, at 1, 8
+        # and 32 clients each: prediction throughput, p50s, GET /jobs/{id} p50 under the load
+    .venv/bin/python bench/bench_load.py --stack embedded --latency 40
+        # one client, the embedded default: HTTP prediction vs models.api.predict in this process
+
 ``--stack full`` starts the processes of tests/stack_support.py (a fresh database on
 DPAAT_TEST_DATABASE_URL, default postgres@127.0.0.1:5432, Redis DPAAT_TEST_REDIS_URL, default
 127.0.0.1:6379; ``dpaat migrate``, ``dpaat serve``, ``dpaat worker``), all removed afterwards.
@@ -356,11 +365,13 @@ def small_weights() -> bytes:
         return path.read_bytes()
 
 
-def prepare(http: httpx.Client, base_url: str) -> tuple[str, str]:
+def prepare(http: httpx.Client, base_url: str, weights: bytes | None = None) -> tuple[str, str]:
     """Upload a small model and run one tiny training job: (model_id, finished job id)."""
     r = http.post(
         f"{base_url}/api/v1/models",
-        files={"weights": ("w.safetensors", small_weights(), "application/octet-stream")},
+        files={
+            "weights": ("w.safetensors", weights or small_weights(), "application/octet-stream")
+        },
         data={"description": json.dumps(MODEL)},
     )
     r.raise_for_status()
@@ -385,16 +396,24 @@ class Target:
 
 
 @contextmanager
-def full_stack(workdir: Path, env: dict[str, str]) -> Iterator[Target]:
+def full_stack(
+    workdir: Path, env: dict[str, str], predict_workers: int = 1, root: Path = ROOT
+) -> Iterator[Target]:
+    """The full stack of ``root``'s code with ``predict_workers`` prediction workers (0 for a
+    checkout from before issue 12, which predicts in the API process)."""
     from stack_support import running_stack
 
     pg = os.environ.get(
         "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     )
     redis_url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    with running_stack(pg, redis_url, workdir, env=env) as s:
+    with running_stack(
+        pg, redis_url, workdir, env=env, predict_workers=predict_workers, root=root
+    ) as s:
         assert s.api is not None and s.worker is not None
-        yield Target(s.base_url, dict(s.http.headers), {"api": s.api.pid, "worker": s.worker.pid})
+        pids = {"api": s.api.pid, "worker": s.worker.pid}
+        pids.update({f"predict{i + 1}": p.pid for i, p in enumerate(s.predict_workers)})
+        yield Target(s.base_url, dict(s.http.headers), pids)
 
 
 @contextmanager
@@ -438,6 +457,122 @@ def embedded_stack(workdir: Path, extra: dict[str, str]) -> Iterator[Target]:
         proc.wait(timeout=30)
 
 
+# ============================================================================ issue 12
+def compare_designs(
+    baseline: Path, levels: list[int], seconds: float, steps: int, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The in-API design (``baseline`` checkout), then 1 and 2 prediction workers: each at
+    every client level, the same model, image and parameters."""
+    rows = []
+    designs = [("in-API (baseline)", baseline, 0), ("1 predict worker", ROOT, 1)]
+    designs.append(("2 predict workers", ROOT, 2))
+    image, weights = lesion_image(), small_weights()
+    for name, root, workers in designs:
+        with (
+            tempfile.TemporaryDirectory(prefix="dpaat-cmp-") as tmp,
+            full_stack(Path(tmp), env, predict_workers=workers, root=root) as target,
+        ):
+            with httpx.Client(headers=target.headers, timeout=300) as http:
+                model_id, job_id = prepare(http, target.base_url, weights)
+            for clients in levels:
+                f = run_load(
+                    target.base_url,
+                    target.headers,
+                    model_id,
+                    job_id,
+                    image,
+                    clients=clients,
+                    seconds=seconds,
+                    pids=target.pids,
+                    predict_params={"steps": steps},
+                    warmup_seconds=min(10.0, seconds / 2),
+                )
+                p, j = f["endpoints"]["predict"], f["endpoints"]["job_status"]
+                row = {
+                    "design": name,
+                    "clients": clients,
+                    "predict_rps": p["rps"],
+                    "predict_p50_ms": p["p50_ms"],
+                    "job_status_p50_ms": j["p50_ms"],
+                    "job_status_server_p50_ms": j["server_p50_ms"],
+                    "errors": f["errors"] + f["warmup"]["errors"],
+                    "error_samples": p["error_samples"] + j["error_samples"],
+                }
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def print_comparison(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'design':<20} {'clients':>7} {'predict/s':>10} {'predict p50':>12} "
+        f"{'jobs p50':>9} {'(server)':>9} {'errors':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['design']:<20} {r['clients']:>7} {r['predict_rps']:>10} "
+            f"{r['predict_p50_ms']:>10.0f}ms {r['job_status_p50_ms']:>7.0f}ms "
+            f"{r['job_status_server_p50_ms']:>7.0f}ms {r['errors']:>6}"
+        )
+    by = {(r["design"], r["clients"]): r["predict_rps"] for r in rows}
+    for clients in sorted({r["clients"] for r in rows}):
+        base = by.get(("in-API (baseline)", clients)) or float("nan")
+        one = by.get(("1 predict worker", clients), float("nan"))
+        two = by.get(("2 predict workers", clients), float("nan"))
+        print(
+            f"{clients:>3} clients: 1 worker / in-API = {one / base:.2f}, "
+            f"2 workers / 1 worker = {two / one:.2f}"
+        )
+
+
+def latency_ratio(target: Target, n: int, steps: int) -> dict[str, float]:
+    """One client: HTTP prediction against ``models.api.predict`` on the same weights and image
+    in this process, interleaved (machine noise hits both alike)."""
+    import statistics
+
+    import torch
+
+    import models.api as ml
+    from app.services.images import sanitize_image
+
+    torch.set_num_threads(1)  # as the service (OMP_NUM_THREADS=1): the same compute
+    image, weights = lesion_image(), small_weights()
+    with httpx.Client(headers=target.headers, timeout=300) as http:
+        model_id, _ = prepare(http, target.base_url, weights)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "w.safetensors"
+            path.write_bytes(weights)
+            info = {**MODEL, "arch": MODEL["architecture"]}
+            loaded = ml.load_model(path, info=info)
+        clean = sanitize_image(image, max_bytes=10 << 20, max_pixels=25_000_000)
+        url = f"{target.base_url}/api/v1/models/{model_id}/predict"
+
+        def over_http() -> float:
+            start = time.perf_counter()
+            r = http.post(url, params={"steps": steps}, files={"file": ("x.jpg", image)})
+            r.raise_for_status()
+            return time.perf_counter() - start
+
+        def direct() -> float:
+            start = time.perf_counter()
+            ml.predict(loaded, [clean], steps=steps)
+            return time.perf_counter() - start
+
+        for _ in range(3):
+            over_http(), direct()
+        h, d = [], []
+        for _ in range(n):
+            d.append(direct())
+            h.append(over_http())
+    return {
+        "requests": n,
+        "direct_median_ms": round(1000 * statistics.median(d), 1),
+        "http_median_ms": round(1000 * statistics.median(h), 1),
+        "ratio": round(statistics.median(h) / statistics.median(d), 3),
+        "paired_ratio": round(statistics.median(a / b for a, b in zip(h, d, strict=True)), 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -453,6 +588,16 @@ def main() -> int:
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the started service processes"
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="a checkout of the in-API design: compare it with 1 and 2 "
+        "prediction workers at --levels clients",
+    )
+    parser.add_argument("--levels", default="1,8,32", help="client counts for --compare")
+    parser.add_argument(
+        "--latency", type=int, help="N one-client predictions: HTTP vs direct (no load run)"
+    )
     args = parser.parse_args()
 
     print(
@@ -460,7 +605,20 @@ def main() -> int:
         f"python {platform.python_version()}"
     )
     env = dict(item.split("=", 1) for item in args.env)
+    if args.compare:
+        levels = [int(c) for c in args.levels.split(",")]
+        rows = compare_designs(args.compare, levels, args.seconds, args.steps, env)
+        print_comparison(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 1 if any(r["errors"] for r in rows) else 0
     with tempfile.TemporaryDirectory(prefix="dpaat-load-") as tmp:
+        if args.latency and not args.url:
+            cm = full_stack(Path(tmp), env) if args.stack == "full" else None
+            with cm or embedded_stack(Path(tmp), env) as target:
+                figures = latency_ratio(target, args.latency, args.steps)
+            print(json.dumps({"stack": args.stack, **figures}))
+            return 0
         if args.url:
             pid_list = [int(p) for p in args.pids.split(",") if p]
             given = Target(

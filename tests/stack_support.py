@@ -81,11 +81,15 @@ class Stack:
     worker: subprocess.Popen[bytes] | None = None
     worker_log: Path | None = None
     workers_started: int = 0
+    # `dpaat worker --queues <predict queue>` processes (issue 12), oldest first.
+    predict_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    predict_workers_started: int = 0
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
     # The key of owner ``ci`` (admin, read, submit) made by ``dpaat keys create`` after migrate;
     # ``http`` sends it with every request.
     api_key: str = ""
     owner: str = "ci"
+    root: Path = ROOT  # the checkout whose code the processes run
 
     # -------------------------------------------------------------- processes
     def _spawn(self, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -94,7 +98,7 @@ class Stack:
             # Own process group: SIGKILL reaches the prefork children too, like a dead machine.
             proc = subprocess.Popen(
                 dpaat_command(*args),
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -135,6 +139,35 @@ class Stack:
 
         wait_for(ready, 90, "the worker", every=0.3)
 
+    def start_predict_worker(self) -> subprocess.Popen[bytes]:
+        """One more prediction worker (threads pool, batching), ready when this returns."""
+        self.predict_workers_started += 1
+        name = f"predict{self.predict_workers_started}"
+        proc, log = self._spawn(
+            name,
+            "worker",
+            "--queues",
+            self.env["DPAAT_PREDICT_QUEUE"],
+            "--hostname",
+            f"{name}@fullstack",
+        )
+        self.predict_workers.append(proc)
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return " ready." in log.read_text(errors="replace")
+
+        wait_for(ready, 90, "the prediction worker", every=0.3)
+        return proc
+
+    def stop_predict_workers(self, kill: bool = False) -> None:
+        """Stop every prediction worker (SIGKILL with ``kill``: no warm shutdown)."""
+        for proc in self.predict_workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            proc.wait(timeout=30)
+        self.predict_workers.clear()
+
     def kill_worker(self) -> None:
         """SIGKILL the worker and its children: no warm shutdown, no acknowledgement."""
         assert self.worker is not None
@@ -142,7 +175,7 @@ class Stack:
         self.worker.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in (self.worker, self.api):
+        for proc in (*self.predict_workers, self.worker, self.api):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -157,7 +190,7 @@ class Stack:
         """A new API key made the documented way (``dpaat keys create``, the admin bootstrap)."""
         out = subprocess.run(
             dpaat_command("keys", "create", "--owner", owner, "--scopes", scopes),
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             capture_output=True,
             text=True,
@@ -209,10 +242,18 @@ def _admin_conninfo(url: str) -> str:
 
 @contextmanager
 def running_stack(
-    postgres_url: str, redis_url: str, tmp: Path, env: dict[str, str] | None = None
+    postgres_url: str,
+    redis_url: str,
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    *,
+    predict_workers: int = 1,
+    root: Path = ROOT,
 ) -> Iterator[Stack]:
-    """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API and
-    one worker; all stopped and dropped afterwards. ``env`` overrides the processes' variables."""
+    """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API, one
+    training/evaluation worker and ``predict_workers`` prediction workers; all stopped and dropped
+    afterwards. ``env`` overrides the processes' variables; ``root`` runs the code of another
+    checkout (the benchmark's baseline)."""
     tag = uuid.uuid4().hex[:10]
     db_name = f"dpaat_fs_{tag}"
     admin = _admin_conninfo(postgres_url)
@@ -244,7 +285,8 @@ def running_stack(
             "DPAAT_STALE_QUEUED_SECONDS": "60",
             "DPAAT_TRAIN_QUEUE": f"fs_{tag}_train",
             "DPAAT_EVALUATE_QUEUE": f"fs_{tag}_evaluate",
-            "PYTHONPATH": str(ROOT),
+            "DPAAT_PREDICT_QUEUE": f"fs_{tag}_predict",
+            "PYTHONPATH": str(root),
             "OMP_NUM_THREADS": "1",  # two worker children and the API share 2 cores
         }
     )
@@ -258,16 +300,19 @@ def running_stack(
         artifact_dir=tmp / "artifacts",
         logs=logs,
         engine=engine,
+        root=root,
     )
     try:
         migrate = subprocess.run(
-            dpaat_command("migrate"), cwd=ROOT, env=env_vars, capture_output=True
+            dpaat_command("migrate"), cwd=root, env=env_vars, capture_output=True
         )
         assert migrate.returncode == 0, migrate.stderr.decode()[-3000:]
         s.api_key = s.new_key(s.owner, "admin,read,submit")
         s.http.headers["X-API-Key"] = s.api_key
         s.start_api()
         s.start_worker()
+        for _ in range(predict_workers):
+            s.start_predict_worker()
         yield s
     finally:
         s.stop()

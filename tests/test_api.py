@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.settings import Settings
+from app.core.settings import Settings, default_data_roots
 from app.db.migrate import upgrade
 from app.db.session import make_engine
 from app.db.tables import Base, Job
@@ -844,7 +844,7 @@ def test_bad_images_are_refused_before_the_model(api: Api, case: str) -> None:
     )
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
-    assert api.client.app.state.predictor.cached() == []  # type: ignore[attr-defined]
+    assert api.client.app.state.predictions.cached() == []  # type: ignore[attr-defined]
     assert api.stored_state() == before
 
 
@@ -904,7 +904,79 @@ def test_predict_with_an_uploaded_model(api: Api) -> None:
     predictions = r.json()["predictions"]
     assert [p["index"] for p in predictions] == [0, 1]
     assert all(p["gradcam_png"] is None for p in predictions)
-    assert api.client.app.state.predictor.cached() == [model_id]  # type: ignore[attr-defined]
+    for p in predictions:
+        assert p["top_probability"] == max(p["probabilities"].values())
+        assert isinstance(p["warnings"], list)
+    sha = api.client.get(f"{API}/models/{model_id}").json()["checkpoint_sha256"]
+    assert api.client.app.state.predictions.cached() == [sha]  # type: ignore[attr-defined]
+    # The in-process worker batched and counted them (/metrics).
+    text = api.client.get("/metrics").text
+    assert "dpaat_predict_batch_images_count 2.0" in text, text
+    assert 'dpaat_predict_requests_total{outcome="ok"} 2.0' in text
+    assert "dpaat_predict_queue_depth 0.0" in text
+
+
+def white_600x450() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 450), (255, 255, 255)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_plain_white_image_never_gets_an_unqualified_score(api: Api) -> None:
+    """Issue 11 item 7: a white 600x450 picture got score 1.0 with nothing to say it is no
+    dermoscopy photograph."""
+    model_id = upload_model(api, safetensors_bytes(), SMALL).json()["id"]
+    r = api.client.post(
+        f"{API}/models/{model_id}/predict",
+        files={"file": ("white.png", white_600x450(), "image/png")},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {"near_uniform_image", "tiny_lesion_area"} <= set(body["warnings"]), body
+    assert body["top_probability"] == max(body["probabilities"].values())
+    # A real lesion photograph gets none of the image warnings.
+    roots = default_data_roots()
+    lesion = next((roots[0] / "images").glob("ISIC_*.jpg"), None) if roots else None
+    if lesion is not None:
+        r = api.client.post(
+            f"{API}/models/{model_id}/predict",
+            files={"file": ("lesion.jpg", lesion.read_bytes(), "image/jpeg")},
+        )
+        assert r.status_code == 200, r.text
+        assert not {"near_uniform_image", "tiny_lesion_area", "extreme_aspect_ratio"} & set(
+            r.json()["warnings"]
+        )
+
+
+@pytest.mark.parametrize("cap", ["1e-300", "0", "-1", "0.5", "65", "nan", "inf"])
+def test_a_cap_outside_its_range_is_refused(api: Api, cap: str) -> None:
+    model_id = trained_model(api)
+    before = api.stored_state()
+    r = api.client.post(
+        f"{API}/models/{model_id}/predict",
+        params={"cap": cap},
+        files={"file": ("x.png", image_bytes("PNG"), "image/png")},
+    )
+    assert r.status_code == 422, r.text
+    assert "cap" in r.text
+    assert api.client.app.state.predictions.cached() == []  # type: ignore[attr-defined]
+    assert api.stored_state() == before
+
+
+def test_the_score_fields_are_documented(api: Api) -> None:
+    schemas = api.client.get("/openapi.json").json()["components"]["schemas"]
+    rob = schemas["Robustness"]["properties"]
+    assert "not a proof" in rob["eps_star"]["description"]
+    assert "not a confidence" in rob["score"]["description"]
+    assert "above `cap`" in rob["stable_at"]["description"]
+    warnings = schemas["Prediction"]["properties"]["warnings"]["description"]
+    for code in (
+        "low_confidence",
+        "near_uniform_image",
+        "extreme_aspect_ratio",
+        "tiny_lesion_area",
+    ):
+        assert code in warnings
 
 
 # ============================================================================ health, metrics, docs

@@ -1,5 +1,5 @@
 """The service's rules that need no database: import discipline (no torch in the web process),
-the request schema mirroring TrainConfig, settings, storage, images, the predictor cache."""
+the request schema mirroring TrainConfig, settings, storage, images."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from app.schemas.jobs import SERVER_FIELDS, Architecture, Method, TrainHyperPara
 from app.services import errors
 from app.services.archives import safe_parts
 from app.services.images import sanitize_image
-from app.services.predictor import ModelSpec, Predictor
 from app.services.storage import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,27 +206,6 @@ def test_images_are_reencoded_without_exif() -> None:
         assert clean.size == (20, 40) and clean.mode == "RGB" and not clean.getexif()
     with pytest.raises(errors.TooLarge):
         sanitize_image(buf.getvalue(), max_bytes=1 << 20, max_pixels=100)
-
-
-def test_predictor_keeps_a_bounded_lru(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.services.predictor as predictor_module
-
-    loads: list[str] = []
-
-    def fake_load(spec: ModelSpec) -> str:
-        loads.append(spec.id)
-        return spec.id
-
-    monkeypatch.setattr(predictor_module, "_load", fake_load)
-
-    def spec(i: str) -> ModelSpec:
-        return ModelSpec(i, "sha", Path("/nonexistent"), "checkpoint", "small_cnn", ("a", "b"), 32)
-
-    p = Predictor(capacity=2)
-    for name in ("a", "b", "a", "c", "a", "b"):
-        p._get(spec(name))
-    assert loads == ["a", "b", "c", "b"]  # "b" was evicted by "c" (least recently used)
-    assert p.cached() == ["a", "b"]
 
 
 def test_every_domain_error_has_one_status() -> None:

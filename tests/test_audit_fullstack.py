@@ -32,7 +32,10 @@ CI_RUN = {"GITHUB_RUN_ID": "77", "GITHUB_RUN_ATTEMPT": "1", "GITHUB_JOB": "robus
 def stack(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    with running_stack(postgres_url, redis_url, tmp_path_factory.mktemp("audit-fs")) as s:
+    # No prediction worker: audits never predict (one less torch process on the CI box).
+    with running_stack(
+        postgres_url, redis_url, tmp_path_factory.mktemp("audit-fs"), predict_workers=0
+    ) as s:
         yield s
 
 

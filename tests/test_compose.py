@@ -16,7 +16,7 @@ from app.cli import cli
 from app.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-DPAAT_SERVICES = ("migrate", "api", "worker", "scheduler", "worker-gpu")
+DPAAT_SERVICES = ("migrate", "api", "worker", "scheduler", "worker-gpu", "worker-predict")
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -63,9 +63,10 @@ def test_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
         "worker": "worker",
         "scheduler": "worker",
         "worker-gpu": "worker",
+        "worker-predict": "worker",
     }
     for name, subcommand in expected.items():
-        argv = _command(compose["services"][name])
+        argv = [_interpolate(a) for a in _command(compose["services"][name])]
         assert argv[:2] == ["dpaat", subcommand], name
         command = commands[subcommand]
         # make_context parses the options exactly as the CLI would (a typo raises here).
@@ -74,6 +75,10 @@ def test_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
             assert ctx.params["host"] == "0.0.0.0"  # reachable from outside the container
         if name == "scheduler":
             assert ctx.params["beat"] is True
+        if name in ("worker", "worker-gpu"):  # training/evaluation, never predictions
+            assert ctx.params["queues"].split(",") == ["train", "evaluate"], name
+        if name == "worker-predict":  # predictions only: batched in one process
+            assert ctx.params["queues"] == "predict" and ctx.params["pool"] is None
     beats = [n for n in DPAAT_SERVICES if "--beat" in _command(compose["services"][n])]
     assert beats == ["scheduler"], "exactly one process must run the reaper schedule"
 
@@ -124,7 +129,7 @@ def test_start_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"]["restart"] == "no"
-    for name in ("api", "worker", "scheduler", "worker-gpu"):
+    for name in ("api", "worker", "scheduler", "worker-gpu", "worker-predict"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name

@@ -1,7 +1,8 @@
 """The Celery app and its configuration; the tasks live in ``worker.tasks``.
 
 State lives in the database (``app.services.jobs``), so the broker only carries the message that
-starts a task: JSON messages, no result backend. A message delivered twice is harmless because a
+starts a task: JSON messages, no result backend (a prediction's answer goes back on a Redis list
+that the API awaits: ``worker.predict``). A message delivered twice is harmless because a
 task first claims its job with a conditional UPDATE.
 
 Redis note: a message that is still unacknowledged after the broker's ``visibility_timeout``
@@ -22,6 +23,7 @@ from app.core.settings import Settings, get_settings
 TRAIN_TASK = "dpaat.train"
 EVALUATE_TASK = "dpaat.evaluate"
 REAP_TASK = "dpaat.reap"
+PREDICT_TASK = "dpaat.predict"
 TASK_FOR_KIND = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK}
 
 DEFAULT_QUEUE = "default"  # short work: the reaper
@@ -61,6 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TRAIN_TASK: {"queue": settings.train_queue},
             EVALUATE_TASK: {"queue": settings.evaluate_queue},
             REAP_TASK: {"queue": DEFAULT_QUEUE},
+            PREDICT_TASK: {"queue": settings.predict_queue},
         },
         "task_create_missing_queues": True,
         "beat_schedule": {

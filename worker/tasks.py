@@ -15,8 +15,8 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_process_init
 
-from worker import reaper, runner
-from worker.celery_app import EVALUATE_TASK, REAP_TASK, TRAIN_TASK, celery_app
+from worker import predict, reaper, runner
+from worker.celery_app import EVALUATE_TASK, PREDICT_TASK, REAP_TASK, TRAIN_TASK, celery_app
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +53,12 @@ def evaluate_task(self: Task, job_id: str) -> str:
 def reap_task() -> int:
     """One reaper pass (scheduled by Celery beat); returns how many jobs were re-sent."""
     return len(reaper.reap_and_redispatch())
+
+
+# Acknowledged on receipt: a prediction lost with its worker is answered 503 by the API at its
+# timeout; redelivered after that (Redis: after the visibility timeout), it would be work for a
+# client that is gone (the message also expires with the request's deadline).
+@celery_app.task(name=PREDICT_TASK, acks_late=False, ignore_result=True)
+def predict_task(payload: dict[str, Any]) -> str:
+    """Answer one prediction request (batched with concurrent ones: ``worker.predict``)."""
+    return predict.serve(payload)

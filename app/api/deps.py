@@ -17,7 +17,7 @@ from app.api.auth import presented_key, principal_of, unauthenticated_principal
 from app.core.settings import Settings
 from app.services.api_keys import Principal
 from app.services.errors import Forbidden, Unauthenticated
-from app.services.predictor import Predictor
+from app.services.prediction import PredictionService
 from app.services.storage import ArtifactStore
 from app.services.submissions import Dispatcher
 
@@ -38,9 +38,9 @@ def get_store(request: Request) -> ArtifactStore:
     return store
 
 
-def get_predictor(request: Request) -> Predictor:
-    predictor: Predictor = request.app.state.predictor
-    return predictor
+def get_predictions(request: Request) -> PredictionService:
+    service: PredictionService = request.app.state.predictions
+    return service
 
 
 def get_dispatcher(request: Request) -> Dispatcher:
@@ -88,7 +88,7 @@ def current_owner(principal: Annotated[Principal, Depends(current_principal)]) -
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 OwnerDep = Annotated[str, Depends(current_owner)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -53,7 +53,7 @@ def headers_of(error: errors.ServiceError) -> dict[str, str]:
     if isinstance(error, errors.QuotaExceeded):
         return {"Retry-After": str(error.retry_after)}
     if isinstance(error, errors.Unavailable):
-        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return {"Retry-After": str(error.retry_after or RETRY_AFTER_SECONDS)}
     return {}
 
 

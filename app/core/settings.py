@@ -86,10 +86,22 @@ class Settings(BaseSettings):
     evaluate_queue: str = "evaluate"
 
     # Prediction and streaming.
-    predictor_cache_size: int = Field(default=4, gt=0)  # loaded models kept in memory
-    predict_concurrency: int = Field(default=2, gt=0)  # predictions computed at once (~cores)
-    predict_cap: float = Field(default=16.0, gt=0, le=64)  # eps_star search cap, 1/255 units
+    predictor_cache_size: int = Field(default=4, gt=0)  # loaded models kept in memory (count)
+    predict_cap: float = Field(default=16.0, ge=1, le=64)  # eps_star search cap, 1/255 units
     predict_steps: int = Field(default=10, gt=0, le=100)
+    # --- predictions on the workers (issue 12; docs/decisions/predict-queue.md)
+    predict_queue: str = "predict"
+    predictor_cache_mb: int = Field(default=2048, gt=0)  # loaded models kept in memory (bytes)
+    # A prediction not answered within this is answered 503 + Retry-After (no worker, overload).
+    predict_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Requests waiting on the predict queue beyond which new ones get 503 at once (0: no bound).
+    predict_max_queue: int = Field(default=256, ge=0)
+    # Micro-batching in the worker: after the first request, wait at most this long for more
+    # requests to the same model, and never put more than this many images in one batch.
+    predict_batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
+    # 8: on a CPU the cost per image is lowest at 4-8 images (each image is replicated once per
+    # radius, ~13 rows; larger batches are memory-bound: docs/benchmarks.md); raise it on a GPU.
+    predict_batch_max_images: int = Field(default=8, gt=0, le=1024)
     sse_poll_seconds: float = Field(default=1.0, ge=0.01)  # DB poll rate of the progress stream
     sse_max_seconds: float = Field(default=3600.0, gt=0)  # a stream ends after this at the latest
 
@@ -137,7 +149,11 @@ class Settings(BaseSettings):
 
     def queue_for(self, kind: str) -> str:
         """The Celery queue of a job kind."""
-        return {"train": self.train_queue, "evaluate": self.evaluate_queue}[kind]
+        return {
+            "train": self.train_queue,
+            "evaluate": self.evaluate_queue,
+            "predict": self.predict_queue,
+        }[kind]
 
 
 @lru_cache

@@ -33,7 +33,12 @@ class UnsupportedMedia(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """A dependency (database, broker, ML runtime) cannot serve the request right now."""
+    """A dependency (database, broker, ML runtime) cannot serve the request right now;
+    ``retry_after`` (seconds) when the caller knows better than the default."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = None if retry_after is None else max(1, int(retry_after))
 
 
 class Unauthenticated(ServiceError):

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api import API_PREFIX
-from app.api.deps import DispatcherDep, PredictorDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import DispatcherDep, PredictionsDep, SessionDep, SettingsDep, StoreDep
 from app.api.errors import status_of
 from app.api.routes import predict as predict_api
 from app.api.routes.datasets import _name_from
@@ -37,6 +37,7 @@ from app.services import (
     ui_sessions,
 )
 from app.services.errors import ServiceError
+from app.services.prediction import WARNINGS
 from app.services.ui_sessions import COOKIE, Opened, cookie_value
 from app.ui import UI_PREFIX
 from app.ui.session import LOGIN_CSRF_COOKIE, UiDep, check_form, set_cookie_header
@@ -552,9 +553,8 @@ async def predict(
     request: Request,
     opened: UiDep,
     session: SessionDep,
-    store: StoreDep,
     settings: SettingsDep,
-    predictor: PredictorDep,
+    predictions: PredictionsDep,
     file: UploadFile,
     model_id: Annotated[str, Form()] = "",
     csrf_token: Csrf = None,
@@ -564,12 +564,11 @@ async def predict(
         # The API's own route function: the same checks, the same prediction path.
         out = await predict_api.predict_one(
             model_id,
-            session,
-            store,
-            settings,
-            predictor,
-            opened.principal.owner,
-            file,
+            session=session,
+            settings=settings,
+            service=predictions,
+            owner=opened.principal.owner,
+            file=file,
             gradcam=True,
         )
         model = await run_in_threadpool(
@@ -590,5 +589,6 @@ async def predict(
         model=model,
         probabilities=probabilities,
         gradcam=f"data:image/png;base64,{result['gradcam_png']}" if result["gradcam_png"] else None,
+        warnings=[WARNINGS.get(w, w) for w in result["warnings"]],
         image_name=Path(file.filename or "image").name,
     )

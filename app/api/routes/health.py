@@ -62,6 +62,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 def _refresh_job_gauge(request: Request) -> None:
+    request.app.state.predictions.refresh_metrics()  # queue depth, batch sizes
     metrics = request.app.state.metrics
     try:
         with request.app.state.sessionmaker() as session:

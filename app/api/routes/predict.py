@@ -1,28 +1,23 @@
 """/api/v1/models/{id}/predict: classify uploaded images and score their robustness.
 
-The torch work runs in a thread pool (the event loop keeps serving other requests); images are
-size-checked, decoded and re-encoded before the model sees them.
+Images are size-checked, decoded and re-encoded here; the torch work is the workers'
+(``app.services.prediction``, the entry point the web pages use too).
 """
 
 from __future__ import annotations
 
-import base64
-from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api import API_PREFIX
-from app.api.deps import OwnerDep, PredictorDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import OwnerDep, PredictionsDep, SessionDep, SettingsDep
 from app.core.settings import Settings
 from app.schemas.common import error_responses
 from app.schemas.predict import BatchPredictionOut, Prediction, PredictionOut
-from app.services import images, models_registry
-from app.services.errors import Invalid, TooLarge
-from app.services.predictor import ModelSpec
-from app.services.storage import ArtifactStore
+from app.services import images, prediction
+from app.services.errors import TooLarge
 
 router = APIRouter(prefix=f"{API_PREFIX}/models", tags=["predict"])
 
@@ -30,7 +25,15 @@ _RESPONSES = error_responses(404, 413, 415, 422, 503)
 GradcamQ = Annotated[bool, Query(description="Add a Grad-CAM heat map (base64 PNG).")]
 CapQ = Annotated[
     float | None,
-    Query(gt=0, le=64, description="eps_star search cap, 1/255 units (default: server's)."),
+    Query(
+        ge=prediction.MIN_CAP,
+        le=prediction.MAX_CAP,
+        description=(
+            f"Largest radius the eps_star search tries, in 1/255 units, between "
+            f"{prediction.MIN_CAP:g} and {prediction.MAX_CAP:g} (default: the server's, 16). "
+            "score = min(eps_star / cap, 1), so the score depends on it."
+        ),
+    ),
 ]
 StepsQ = Annotated[int | None, Query(ge=1, le=50, description="PGD steps per radius.")]
 EpsQ = Annotated[
@@ -51,60 +54,14 @@ async def _read_image(upload: UploadFile, settings: Settings) -> bytes:
     )
 
 
-def _spec(session: Any, store: ArtifactStore, model_id: str, owner: str) -> ModelSpec:
-    model = models_registry.get_model(session, model_id, owner)
-    return ModelSpec(
-        id=model.id,
-        sha256=model.checkpoint_sha256,
-        weights_path=store.path(model.weights_uri),
-        weights_format=model.weights_format,
-        architecture=model.architecture,
-        classes=tuple(model.classes),
-        image_size=model.image_size,
-        info=dict(model.info),
-    )
-
-
 async def _predict(
-    spec: ModelSpec,
+    service: prediction.PredictionService,
+    spec: prediction.ModelSpec,
     data: list[bytes],
-    predictor: Any,
-    settings: Settings,
-    cap: float | None,
-    steps: int | None,
-    eps: list[float] | None,
-    gradcam: bool,
+    params: prediction.PredictParams,
 ) -> list[Prediction]:
-    cap = cap or settings.predict_cap
-    eps_list = tuple(sorted(set(eps))) if eps else (0.5, 1.0, 2.0, 4.0, 8.0)
-    if any(not 0 < e <= 64 for e in eps_list):
-        raise Invalid("eps values must be in (0, 64] (1/255 units)")
-    work = partial(
-        predictor.predict,
-        spec,
-        data,
-        cap=cap,
-        eps_list=eps_list,
-        steps=steps or settings.predict_steps,
-        gradcam=gradcam,
-    )
-    # Waiting predictions wait here, on the event loop, not in threads of the shared pool: a
-    # burst of them would otherwise hold every thread and starve cheap requests (job status).
-    results = await anyio.to_thread.run_sync(work, limiter=predictor.limiter)
-    return [
-        Prediction.model_validate(
-            {
-                "index": i,
-                "class": r["class"],
-                "probabilities": r["probabilities"],
-                "robustness": r["robustness"],
-                "gradcam_png": base64.b64encode(r["gradcam_png"]).decode()
-                if r.get("gradcam_png")
-                else None,
-            }
-        )
-        for i, r in enumerate(results)
-    ]
+    results = await service.predict(spec, data, params)
+    return [Prediction.model_validate({"index": i, **r}) for i, r in enumerate(results)]
 
 
 @router.post(
@@ -116,9 +73,8 @@ async def _predict(
 async def predict_one(
     model_id: str,
     session: SessionDep,
-    store: StoreDep,
     settings: SettingsDep,
-    predictor: PredictorDep,
+    service: PredictionsDep,
     owner: OwnerDep,
     file: Annotated[UploadFile, File(description="A JPEG or PNG image.")],
     gradcam: GradcamQ = False,
@@ -126,14 +82,16 @@ async def predict_one(
     steps: StepsQ = None,
     eps: EpsQ = None,
 ) -> PredictionOut:
-    """Predicted class and probabilities, plus eps_star (the smallest L-inf radius that flips
-    the prediction, searched up to ``cap``), stability at each radius and score in [0, 1]."""
-    spec = await run_in_threadpool(_spec, session, store, model_id, owner)
+    """Predicted class, probabilities and top probability, ``warnings``, and how far the
+    prediction survives attacks: eps_star (the smallest L-inf radius found to flip the
+    prediction, searched up to ``cap``), stability at each radius and score in [0, 1]. The score
+    measures the model's stability around this image, not whether the diagnosis is right: read
+    ``warnings`` first (docs/prediction.md). 503 + Retry-After when no worker answers in time."""
+    params = prediction.predict_params(settings, cap=cap, steps=steps, eps=eps, gradcam=gradcam)
+    spec = await run_in_threadpool(prediction.model_spec, session, model_id, owner)
     data = [await _read_image(file, settings)]
-    (prediction,) = await _predict(spec, data, predictor, settings, cap, steps, eps, gradcam)
-    return PredictionOut.model_validate(
-        {**prediction.model_dump(by_alias=True), "model_id": spec.id}
-    )
+    (result,) = await _predict(service, spec, data, params)
+    return PredictionOut.model_validate({**result.model_dump(by_alias=True), "model_id": spec.id})
 
 
 @router.post(
@@ -145,9 +103,8 @@ async def predict_one(
 async def predict_batch(
     model_id: str,
     session: SessionDep,
-    store: StoreDep,
     settings: SettingsDep,
-    predictor: PredictorDep,
+    service: PredictionsDep,
     owner: OwnerDep,
     files: Annotated[list[UploadFile], File(description="JPEG or PNG images.")],
     gradcam: GradcamQ = False,
@@ -158,7 +115,8 @@ async def predict_batch(
     """The single-image answer for each image, in request order (``index``)."""
     if len(files) > settings.max_batch_images:
         raise TooLarge(f"at most {settings.max_batch_images} images per request")
-    spec = await run_in_threadpool(_spec, session, store, model_id, owner)
+    params = prediction.predict_params(settings, cap=cap, steps=steps, eps=eps, gradcam=gradcam)
+    spec = await run_in_threadpool(prediction.model_spec, session, model_id, owner)
     data = [await _read_image(f, settings) for f in files]
-    predictions = await _predict(spec, data, predictor, settings, cap, steps, eps, gradcam)
+    predictions = await _predict(service, spec, data, params)
     return BatchPredictionOut(model_id=spec.id, predictions=predictions)
