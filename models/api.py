@@ -81,12 +81,34 @@ def load_model(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors" or info is not None:
+    framework = str((info or {}).get("framework") or "dpaat")
+    model: nn.Module
+    if path.suffix == ".onnx" or framework == "onnx":
+        from models.onnx_import import load_onnx_model
+
+        _require(path, info or {})
+        model = load_onnx_model(path, dict(info or {}))
+        info = {"method": "external", **(info or {}), "arch": "onnx"}
+    elif framework in ("torchvision", "timm"):
+        from models.external import load_library_model
+
+        _require(path, info or {})
+        model = load_library_model(path, dict(info or {}))
+        info = {"method": "external", **(info or {}), "arch": model.arch}
+    elif path.suffix == ".safetensors" or info is not None:
         model, info = _load_safetensors(path, info or {})
     else:
         model, info = load_trained_model(path)
     model.to(device).eval()
     return LoadedModel(model, info, sha256_file(path))
+
+
+def _require(path: Path, info: dict[str, Any]) -> None:
+    missing = {"classes", "image_size"} - set(info)
+    if "arch" not in info and "architecture" not in info:
+        missing.add("architecture")
+    if missing:
+        raise ValueError(f"{path.name}: the model description lacks {sorted(missing)}")
 
 
 def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -95,11 +117,8 @@ def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict
 
     from models.nets import build_model
 
-    missing = {"arch", "classes", "image_size"} - set(info)
-    if missing:
-        raise ValueError(
-            f"{path.name}: a safetensors model needs {sorted(missing)} in its description"
-        )
+    _require(path, info)
+    info = {"arch": info.get("architecture"), **info}
     model = build_model(info["arch"], len(info["classes"]))
     try:
         state = load_file(str(path))
@@ -127,6 +146,7 @@ def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict
             f"(wrong shapes: {wrong[:3]}, missing: {absent[:3]})"
         )
     model.load_state_dict(state, strict=False)
+    model.gradcam_layer = info.get("gradcam_layer")
     return model, {"method": "external", **info}
 
 
@@ -199,7 +219,7 @@ def evaluate(
         progress=progress,
     )
     figures: dict[str, str] = {}
-    if gradcam:
+    if gradcam and report.get("lesion_focus_unavailable") is None:
         from models.evaluation.montage import MONTAGE_NAME, write_montage
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -211,11 +231,31 @@ def evaluate(
     return report
 
 
-def decode_image(data: bytes | Image.Image, size: int) -> torch.Tensor:
-    """Bytes of a JPEG/PNG (or a PIL image) as a float tensor (3, size, size) in [0, 1]."""
+_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def decode_image(
+    data: bytes | Image.Image, size: int, interpolation: str = "bilinear", resize: str = "stretch"
+) -> torch.Tensor:
+    """Bytes of a JPEG/PNG (or a PIL image) as a float tensor (3, size, size) in [0, 1].
+
+    ``resize``: ``stretch`` to size x size, or ``center_crop`` (shorter side to ``size``, then
+    the central square), with the description's ``interpolation``."""
     try:
         im = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-        im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        im = im.convert("RGB")
+        if resize == "center_crop":
+            scale = size / min(im.size)
+            w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+            im = im.resize((w, h), _RESAMPLING[interpolation])
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        else:
+            im = im.resize((size, size), _RESAMPLING[interpolation])
     except (OSError, ValueError) as e:
         raise DataError(f"cannot decode image: {e}") from e
     arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
@@ -242,7 +282,8 @@ def predict(
     if not images:
         return []
     device = next(loaded.model.parameters()).device
-    x = torch.stack([decode_image(im, loaded.image_size) for im in images]).to(device)
+    how = {k: str(loaded.info[k]) for k in ("interpolation", "resize") if loaded.info.get(k)}
+    x = torch.stack([decode_image(im, loaded.image_size, **how) for im in images]).to(device)
     with torch.no_grad():
         probs = torch.softmax(loaded.model(x).float(), dim=1).cpu()
     scores = robustness_score(loaded.model, x, cap=cap, eps_list=tuple(eps_list), steps=steps)
@@ -264,7 +305,10 @@ def _gradcam_pngs(model: nn.Module, x: torch.Tensor) -> list[bytes | None]:
     import matplotlib
 
     from models.evaluation import grad_cam
+    from models.evaluation.gradcam import cam_unavailable
 
+    if cam_unavailable(model, x[:1]) is not None:  # e.g. a transformer: no spatial feature map
+        return [None] * len(x)
     cams = grad_cam(model, x).cpu()
     cmap = matplotlib.colormaps["jet"]
     out: list[bytes | None] = []

@@ -19,12 +19,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Classifier(nn.Module):
-    """``backbone((x - mean) / std)`` -> logits; ``cam_layer`` is the last convolutional block."""
+    """``backbone((x - mean) / std)`` -> logits; ``cam_layer`` is the last convolutional block.
 
-    def __init__(self, backbone: nn.Module, cam_layer: nn.Module, arch: str) -> None:
+    Networks from torchvision, timm or ONNX by name (``arch`` = ``"timm/resnet10t"``...) have no
+    ``cam_layer`` module (it would alias backbone tensors under a second name): their Grad-CAM
+    layer is ``gradcam_layer`` (a module name inside the backbone) or found automatically
+    (:mod:`models.evaluation.gradcam`)."""
+
+    def __init__(self, backbone: nn.Module, cam_layer: nn.Module | None, arch: str) -> None:
         super().__init__()
         self.backbone = backbone
         self.cam_layer = cam_layer
+        self.gradcam_layer: str | None = None
         self.arch = arch
         self.mean: torch.Tensor
         self.std: torch.Tensor
@@ -105,10 +111,21 @@ ARCHITECTURES: dict[str, Callable[[int], tuple[nn.Module, nn.Module]]] = {
 
 def build_model(arch: str, num_classes: int, pretrained: str | Path | None = None) -> Classifier:
     """A fresh classifier by name; ``pretrained`` loads a local backbone state dict (head excluded
-    when its class count differs)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    backbone, cam_layer = ARCHITECTURES[arch](num_classes)
+    when its class count differs). ``framework/name`` (``torchvision/resnet18``,
+    ``timm/resnet10t``) builds any architecture of those libraries, never with hub weights."""
+    cam_layer: nn.Module | None
+    if "/" in arch:
+        from models.external import build_network
+
+        framework, name = arch.split("/", 1)
+        backbone, cam_layer = build_network(framework, name, num_classes), None
+    elif arch in ARCHITECTURES:
+        backbone, cam_layer = ARCHITECTURES[arch](num_classes)
+    else:
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}, "
+            "or torchvision/NAME or timm/NAME"
+        )
     if pretrained is not None:
         load_backbone_weights(backbone, pretrained)
     return Classifier(backbone, cam_layer, arch)

@@ -85,7 +85,7 @@ class ModelCache:
         if not path.is_file():
             raise Unavailable(f"the weights of model {spec.id} are missing from the artifact store")
         info = None
-        if spec.weights_format != "checkpoint":  # an uploaded safetensors model and its description
+        if spec.weights_format != "checkpoint":  # an uploaded model (safetensors or ONNX)
             info = {
                 **spec.info,
                 "arch": spec.architecture,

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.schemas.common import ORMModel
 from app.schemas.jobs import Architecture, Method
 
+Framework = Literal["dpaat", "torchvision", "timm", "onnx"]
+DESCRIPTION_VERSION: Literal[1] = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_ARCHITECTURES = get_args(Architecture)
+
 
 class ModelDescription(BaseModel):
-    """The JSON that accompanies an uploaded safetensors file."""
+    """``model.json``: what a model is and what it expects, whatever made it (this service,
+    torchvision, timm or an ONNX exporter). Versioned; docs/model-description.md documents every
+    field. The ML core reads the same fields from a dict (``models.external``)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -23,14 +31,64 @@ class ModelDescription(BaseModel):
                     "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
                     "image_size": 64,
                     "name": "external-cnn",
-                }
+                },
+                {
+                    "description_version": 1,
+                    "framework": "timm",
+                    "architecture": "resnet10t",
+                    "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
+                    "image_size": 224,
+                    "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225],
+                    "interpolation": "bicubic",
+                    "gradcam_layer": "layer4",
+                },
             ]
         },
     )
 
-    architecture: Architecture
-    classes: list[str] = Field(min_length=2, max_length=1000)
+    description_version: Literal[1] = Field(
+        default=DESCRIPTION_VERSION, description="Version of this description format."
+    )
+    framework: Framework = Field(
+        default="dpaat",
+        description="dpaat: an architecture of this project; torchvision / timm: any "
+        "architecture of that library by name (weights from the uploaded safetensors file, "
+        "never a hub); onnx: an ONNX graph, converted to PyTorch for gradient attacks.",
+    )
+    architecture: str = Field(
+        min_length=1,
+        max_length=52,  # stored as framework/name in a 64-character column
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="dpaat: small_cnn, resnet18, ...; torchvision: e.g. resnet50; timm: e.g. "
+        "efficientnet_b0; onnx: informative (e.g. the exporter's model name).",
+    )
+    classes: list[str] = Field(
+        min_length=2, max_length=1000, description="Class names in the order of the outputs."
+    )
     image_size: int = Field(ge=16, le=1024, description="Input size the model expects (pixels).")
+    mean: list[float] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="Per-channel mean subtracted from images in [0, 1] (ImageNet's when null; "
+        "a dpaat model keeps its normalization in its weights: leave it out).",
+    )
+    std: list[float] | None = Field(
+        default=None, min_length=3, max_length=3, description="Per-channel std (see mean)."
+    )
+    resize: Literal["stretch", "center_crop"] = Field(
+        default="stretch",
+        description="How an image sent for prediction becomes image_size x image_size: "
+        "stretched, or the shorter side scaled then the centre cropped.",
+    )
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    gradcam_layer: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Module whose feature map Grad-CAM explains (a name in the network, "
+        "e.g. layer4); null: found automatically (the last spatial feature map).",
+    )
     name: str | None = Field(default=None, min_length=1, max_length=200)
     training_method: Method | None = Field(
         default=None, description="How it was trained, if known."
@@ -47,6 +105,39 @@ class ModelDescription(BaseModel):
             raise ValueError("class names must be distinct")
         return cleaned
 
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float] | None) -> list[float] | None:
+        if std is not None and not all(v > 0 for v in std):
+            raise ValueError("std values must be > 0")
+        return std
+
+    @model_validator(mode="after")
+    def _framework_fields(self) -> ModelDescription:
+        if self.framework == "dpaat":
+            if self.architecture not in _ARCHITECTURES:
+                raise ValueError(
+                    f"architecture: {self.architecture!r} is not a dpaat architecture; choose "
+                    f"one of {list(_ARCHITECTURES)}, or set framework to torchvision or timm"
+                )
+            if self.mean is not None or self.std is not None:
+                raise ValueError(
+                    "mean/std: a dpaat model normalizes inside its weights; leave them out"
+                )
+        else:
+            self.mean = self.mean or list(IMAGENET_MEAN)
+            self.std = self.std or list(IMAGENET_STD)
+        return self
+
+    @property
+    def arch(self) -> str:
+        """The ML core's architecture string: small_cnn, torchvision/resnet18, timm/..., onnx."""
+        if self.framework == "dpaat":
+            return self.architecture
+        if self.framework == "onnx":
+            return "onnx"
+        return f"{self.framework}/{self.architecture}"
+
 
 class ModelOut(ORMModel):
     """A registered model."""
@@ -54,7 +145,7 @@ class ModelOut(ORMModel):
     id: str
     name: str
     source: Literal["trained", "uploaded"]
-    weights_format: Literal["checkpoint", "safetensors"]
+    weights_format: Literal["checkpoint", "safetensors", "onnx"]
     architecture: str
     classes: list[str]
     image_size: int

@@ -287,9 +287,11 @@ def create_audit_with_upload(
     check (file, architecture, classes, dataset, baseline) runs before anything is registered;
     when one fails, nothing is kept. The model belongs to ``owner`` like any upload. A retry with
     the same Idempotency-Key and the same file gets its audit back (no second model)."""
-    from app.services import datasets, model_files
+    from app.services import datasets
 
-    ref = store.put_stream(weights, ".safetensors", max_bytes=max_bytes)
+    ref = store.put_stream(
+        weights, models_registry.weights_suffix(description), max_bytes=max_bytes
+    )
     model: Model | None = None
     try:
         upload = {"sha256": ref.sha256, "size": ref.size, "description": dict(description)}
@@ -298,10 +300,7 @@ def create_audit_with_upload(
             store.delete(ref.uri)
             return _replay(found, body), False
         classes = [str(c) for c in description["classes"]]
-        tensors = model_files.read_safetensors_header(store.path(ref.uri))
-        summary = model_files.check_against_architecture(
-            tensors, str(description["architecture"]), len(classes)
-        )
+        summary = models_registry.check_weights(store, ref, description)
         _check_recall_classes(body["thresholds"], classes)
         if not body.get("dataset_id"):
             raise Invalid("an uploaded model records no training data: give a dataset_id")

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.db.tables import Dataset, Job, Model
-from app.services import datasets
+from app.services import datasets, models_registry
 from app.services.errors import Invalid
 from app.services.storage import ArtifactStore
 
@@ -87,12 +87,9 @@ def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str,
         "data_root": None,
         "manifest": None,
     }
-    if model.weights_format != "checkpoint":  # an uploaded safetensors model and its description
-        args["info"] = {
-            "arch": model.architecture,
-            "classes": list(model.classes),
-            "image_size": model.image_size,
-        }
+    info = models_registry.load_info(model)  # an uploaded model's description
+    if info is not None:
+        args["info"] = info
     dataset_id = params.get("dataset_id") or model.dataset_id
     if dataset_id:
         ds = _dataset(session, dataset_id)

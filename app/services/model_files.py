@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.services.errors import Invalid, UnsupportedMedia
+from app.services.errors import Invalid, Unavailable, UnsupportedMedia
 
 _ITEMSIZE = {
     "BOOL": 1,
@@ -101,7 +101,13 @@ def expected_tensors(
 
     try:
         with torch.device("meta"):
-            model = build_model(architecture, num_classes)
+            if "/" in architecture:  # torchvision/timm: the bare network's state dict
+                from models.external import build_network
+
+                framework, name = architecture.split("/", 1)
+                model = build_network(framework, name, num_classes)
+            else:
+                model = build_model(architecture, num_classes)
     except ValueError as e:
         raise Invalid(str(e)) from e
     groups: dict[int, tuple[list[str], tuple[int, ...]]] = {}
@@ -149,3 +155,18 @@ def check_against_architecture(
         "tensors": len(tensors),
         "parameters": sum(math.prod(t.shape) for t in tensors.values()),
     }
+
+
+def check_onnx(path: Path, description: dict[str, Any]) -> dict[str, Any]:
+    """Every check of an uploaded ONNX file (``models.onnx_import.check_onnx``): 415 when it is
+    not ONNX at all, 422 naming what to change otherwise. Returns a summary."""
+    try:
+        from models.onnx_import import NotOnnx, OnnxError, check_onnx
+    except ImportError as e:  # the server was installed without the ML extra
+        raise Unavailable(f"ONNX models are not supported on this server: {e}") from e
+    try:
+        return check_onnx(path, dict(description))
+    except NotOnnx as e:
+        raise UnsupportedMedia(str(e)) from e
+    except OnnxError as e:
+        raise Invalid(str(e)) from e

@@ -185,13 +185,14 @@ def register_uploaded_model(
     ref: ArtifactRef,
     description: Mapping[str, Any],
 ) -> Model:
-    """Record an uploaded safetensors model whose file and description were already validated."""
+    """Record an uploaded model (safetensors or ONNX) whose file and description were already
+    validated."""
     model = Model(
         owner=owner,
         name=str(description.get("name") or f"{description['architecture']}-upload"),
         source="uploaded",
-        weights_format="safetensors",
-        architecture=str(description["architecture"]),
+        weights_format="onnx" if description.get("framework") == "onnx" else "safetensors",
+        architecture=qualified_arch(description),
         classes=list(description["classes"]),
         image_size=int(description["image_size"]),
         training_method=description.get("training_method"),
@@ -265,16 +266,11 @@ def upload_model(
     weights: BinaryIO,
     max_bytes: int,
 ) -> Model:
-    """Store an uploaded safetensors file, check it against the described architecture (header,
-    tensor names and shapes) and register it. Nothing is kept when a check fails."""
-    from app.services import model_files
-
-    ref = store.put_stream(weights, ".safetensors", max_bytes=max_bytes)
+    """Store an uploaded safetensors or ONNX file, check it against its description (see
+    :func:`check_weights`) and register it. Nothing is kept when a check fails."""
+    ref = store.put_stream(weights, weights_suffix(description), max_bytes=max_bytes)
     try:
-        tensors = model_files.read_safetensors_header(store.path(ref.uri))
-        summary = model_files.check_against_architecture(
-            tensors, str(description["architecture"]), len(description["classes"])
-        )
+        summary = check_weights(store, ref, description)
         return register_uploaded_model(
             session, owner=owner, ref=ref, description={**description, **summary}
         )
@@ -282,3 +278,48 @@ def upload_model(
         session.rollback()
         store.delete(ref.uri)
         raise
+
+
+def qualified_arch(description: Mapping[str, Any]) -> str:
+    """The architecture as the ML core names it: small_cnn, torchvision/resnet18, timm/..., onnx
+    (the same rule as ``ModelDescription.arch``, for descriptions stored as dicts)."""
+    framework = str(description.get("framework") or "dpaat")
+    name = str(description["architecture"])
+    if framework == "dpaat":
+        return name
+    return "onnx" if framework == "onnx" else f"{framework}/{name}"
+
+
+def weights_suffix(description: Mapping[str, Any]) -> str:
+    return ".onnx" if description.get("framework") == "onnx" else ".safetensors"
+
+
+def check_weights(
+    store: ArtifactStore, ref: ArtifactRef, description: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Check a stored upload against its description before anything is registered:
+    safetensors (header, every tensor's name and shape against the architecture) or ONNX
+    (checker, operators, output width, numerical agreement with onnxruntime). Returns a summary
+    that is kept in the model's info."""
+    from app.services import model_files
+
+    path = store.path(ref.uri)
+    if description.get("framework") == "onnx":
+        return model_files.check_onnx(path, dict(description))
+    tensors = model_files.read_safetensors_header(path)
+    return model_files.check_against_architecture(
+        tensors, qualified_arch(description), len(description["classes"])
+    )
+
+
+def load_info(model: Model) -> dict[str, Any] | None:
+    """What ``models.api.load_model`` needs besides the file: None for a checkpoint (it describes
+    itself), the description for an uploaded model."""
+    if model.weights_format == "checkpoint":
+        return None
+    return {
+        **(model.info or {}),
+        "arch": model.architecture,
+        "classes": list(model.classes),
+        "image_size": model.image_size,
+    }

@@ -67,7 +67,7 @@ class ModelSpec:
     id: str
     sha256: str
     weights_uri: str  # resolved by each process against its own artifact store
-    weights_format: str  # checkpoint | safetensors
+    weights_format: str  # checkpoint | safetensors | onnx
     architecture: str
     classes: tuple[str, ...]
     image_size: int

@@ -25,7 +25,7 @@ from torch import nn
 from models.attacks import Attack, make_attack, per_sample_ce
 from models.data import TensorImageDataset
 from models.evaluation import checks as ck
-from models.evaluation.gradcam import grad_cam, lesion_focus
+from models.evaluation.gradcam import cam_unavailable, grad_cam, lesion_focus
 from models.evaluation.metrics import classification_metrics, wilson
 from models.evaluation.report import to_jsonable
 
@@ -296,10 +296,13 @@ def _evaluate(
     k, n = len(classes), len(dataset)
     labels = dataset.labels.cpu()
     chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    masks = dataset.masks if gradcam else None
 
     def chunk(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.images[sl].to(device).float().div_(255.0), labels[sl].to(device)
+
+    # a model without a spatial feature map (a ViT) gets lesion_focus null and the reason
+    no_cam = cam_unavailable(model, chunk(slice(0, 1))[0]) if gradcam and n else None
+    masks = dataset.masks if gradcam and no_cam is None else None
 
     labels_list = _labels(attack_specs)
     attacks = {
@@ -496,6 +499,7 @@ def _evaluate(
         "curve": {"eps": [e for e, _ in curve], "accuracy": [a for _, a in curve]},
         "curve_auc": curve_auc(curve),
         "lesion_focus": focus,
+        "lesion_focus_unavailable": no_cam,
         "checks": check_list,
         "verdict": ck.verdict(check_list),
         "versions": {

@@ -6,18 +6,94 @@ removed and the model's mode restored afterwards, whatever happens in between.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.attacks.base import attack_mode
 
+# Layers found automatically, by model (a module attribute would register the layer a second time
+# in the model's state dict): its name in the backbone, or None and the reason.
+_FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[str | None, str]] = weakref.WeakKeyDictionary()
 
-def _cam_layer(model: nn.Module) -> nn.Module:
+
+def find_cam_layer(net: nn.Module, x: torch.Tensor) -> tuple[str | None, str]:
+    """The last module of ``net`` with a spatial (N, C, h, w) output before the features are
+    pooled or flattened, found by running ``x`` once; ``(None, reason)`` when the classifier is
+    not fed by a feature map (a vision transformer's tokens, an MLP)."""
+    order: list[tuple[str, int, bool]] = []  # (name, output ndim, is a pooling layer)
+    names = {id(m): n for n, m in net.named_modules() if n}
+
+    def record(m: nn.Module, _inp: object, out: object) -> None:
+        if id(m) in names and isinstance(out, torch.Tensor):
+            order.append((names[id(m)], out.ndim, _is_global_pool(m, out)))
+
+    handles = [m.register_forward_hook(record) for n, m in net.named_modules() if n]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    candidate: str | None = None
+    for name, ndim, pool in order:
+        if ndim != 4 or pool:
+            if ndim == 3 and candidate is not None:
+                return None, "the classifier reads a token sequence, not a spatial feature map"
+            break
+        candidate = name
+    if candidate is None:
+        return None, "the model has no convolutional feature map (no (N, C, h, w) activation)"
+    return candidate, "found automatically"
+
+
+def _is_global_pool(m: nn.Module, out: torch.Tensor) -> bool:
+    """An adaptive/global pooling to 1 x 1 (a strided pooling inside a block does not count)."""
+    kind = type(m).__name__.lower()
+    return ("adaptive" in kind or "global" in kind) and out.ndim == 4 and out.shape[-2:] == (1, 1)
+
+
+def cam_unavailable(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why Grad-CAM cannot explain this model (None when it can); ``x``: a sample input."""
+    try:
+        _cam_layer(model, x)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model.cam_layer`` (native architectures), the description's ``gradcam_layer``, or the
+    layer :func:`find_cam_layer` finds in ``model.backbone``."""
     layer = getattr(model, "cam_layer", None)
-    if not isinstance(layer, nn.Module):
-        raise ValueError("the model has no .cam_layer (build it with models.nets.build_model)")
-    return layer
+    if isinstance(layer, nn.Module):
+        return layer
+    net = getattr(model, "backbone", model)
+    name = getattr(model, "gradcam_layer", None)
+    if name is None:
+        if model not in _FOUND:
+            was = model.training
+            model.eval()
+            try:
+                _FOUND[model] = find_cam_layer(net, _normalized(model, x[:1].detach()))
+            finally:
+                model.train(was)
+        name, reason = _FOUND[model]
+        if name is None:
+            raise ValueError(f"no Grad-CAM layer: {reason}")
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"gradcam_layer: the model has no module named {name!r}") from None
+
+
+def _normalized(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+        return (x - mean) / std
+    return x
 
 
 def _cam_chunk(
@@ -36,7 +112,7 @@ def _cam_chunk(
         handle.remove()
     act = store.get("act")
     if not isinstance(act, torch.Tensor) or act.ndim != 4:
-        raise ValueError("cam_layer must output a (N, C, h, w) feature map")
+        raise ValueError("the Grad-CAM layer must output a (N, C, h, w) feature map")
     target = logits.argmax(1) if class_idx is None else class_idx
     score = logits.gather(1, target.view(-1, 1)).sum()  # samples are independent in eval mode
     (grad,) = torch.autograd.grad(score, act)
@@ -61,7 +137,7 @@ def grad_cam(
     image's predicted class. Each map is upsampled to the input size and divided by its maximum; a
     map with no positive evidence is all zeros.
     """
-    layer = _cam_layer(model)
+    layer = _cam_layer(model, x)
     n = len(x)
     targets: torch.Tensor | None = None
     if class_idx is not None:

@@ -98,8 +98,10 @@ class TrainConfig:
             f"method {self.method!r} is unknown; choose one of {list(METHODS)}",
         )
         need(
-            self.arch in ARCHITECTURES,
-            f"arch {self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}",
+            self.arch in ARCHITECTURES
+            or (isinstance(self.arch, str) and self.arch.split("/")[0] in ("torchvision", "timm")),
+            f"arch {self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}, "
+            "or torchvision/NAME or timm/NAME",
         )
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {list(OPTIMIZERS)}")
         need(self.scheduler in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")

@@ -13,7 +13,7 @@ from app.api.deps import OwnerDep, SessionDep, SettingsDep, StoreDep
 from app.db.tables import Model
 from app.schemas.common import MAX_OFFSET, Page, error_responses
 from app.schemas.models import EvaluationOut, ModelDescription, ModelOut
-from app.services import figures, models_registry
+from app.services import figures, model_export, models_registry
 from app.services.errors import NotFound, Unavailable
 from app.services.storage import ArtifactStore
 
@@ -30,7 +30,7 @@ def _out(model: Model, has_report: bool) -> ModelOut:
     "",
     status_code=201,
     response_model=ModelOut,
-    summary="Upload an external model (safetensors + description)",
+    summary="Upload an external model (safetensors or ONNX + description)",
     responses=error_responses(413, 415, 422),
 )
 def upload_model(
@@ -38,17 +38,23 @@ def upload_model(
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
-    weights: Annotated[UploadFile, File(description="The weights, in safetensors format only.")],
+    weights: Annotated[
+        UploadFile,
+        File(description="The weights: safetensors, or an ONNX file (framework onnx)."),
+    ],
     description: Annotated[
         Json[ModelDescription],
         Form(
-            description='JSON: {"architecture": "small_cnn", "classes": [...], '
-            '"image_size": 64, "name": "..."}'
+            description='JSON (model.json): {"framework": "dpaat|torchvision|timm|onnx", '
+            '"architecture": "small_cnn", "classes": [...], "image_size": 64, "name": "..."}'
         ),
     ],
 ) -> ModelOut:
-    """The header of the file is parsed and every tensor's name and shape is checked against
-    the declared architecture and class count before the model is registered."""
+    """The description is ``model.json`` (docs/model-description.md). For safetensors the
+    header is parsed and every tensor's name and shape is checked against the declared
+    architecture (dpaat, torchvision or timm) and class count; an ONNX file is checked (checker,
+    no external data, operators, output width) and its PyTorch conversion verified against
+    onnxruntime, all before the model is registered."""
     model = models_registry.upload_model(
         session,
         store,
@@ -161,3 +167,32 @@ def get_figure(
     evaluation = models_registry.latest_evaluation(session, model)
     path = figures.path_of(session, store, name, model, evaluation)
     return FileResponse(str(path), media_type="image/png")
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=Response,
+    summary="Export the model: model.json + safetensors or ONNX, in a zip archive",
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "The archive"},
+        **error_responses(404, 422),
+    },
+)
+def export_model(
+    model_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    owner: OwnerDep,
+    format: Annotated[Literal["safetensors", "onnx"], Query()] = "safetensors",
+) -> Response:
+    """A zip of ``model.json`` and ``model.safetensors`` or ``model.onnx``: no pickle, no server
+    path. It goes back into ``POST /models`` or ``dpaat audit --weights ... --model-info
+    model.json`` as it is. The ONNX export is checked against the PyTorch model (logits within
+    1e-4); an ONNX model exports only as ONNX (422 for safetensors)."""
+    model = models_registry.get_model(session, model_id, owner)
+    data = model_export.export_model(session, store, model, format)
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="model-{model.id}-{format}.zip"'},
+    )
