@@ -79,7 +79,8 @@ def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, 
     """The ``TrainConfig`` dict of a training job: server paths resolved by the service layer,
     and no server file named by the client (the API forbids these keys; this is the backstop)."""
     config = job_params.train_config(session, job, store)
-    config.pop("pretrained", None)
+    if job.params.get("pretrained") != "imagenet":  # only the server's own directory
+        config.pop("pretrained", None)
     if not job.params.get("reference_model_id"):
         config.pop("reference_checkpoint", None)
     return config

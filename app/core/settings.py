@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     # Server directories an admin allows clients to register as datasets (nothing outside them).
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=default_data_roots)
+    # ImageNet weights an admin placed for `pretrained: "imagenet"` (<dir>/<arch>.safetensors,
+    # e.g. resnet18.safetensors, timm/resnet10t.safetensors); never downloaded. None: not offered.
+    pretrained_dir: Path | None = None
     auto_migrate: bool = False  # apply Alembic migrations when the API starts
     # API keys: "auto" = on for the full stack (a non-SQLite database or a broker), off for the
     # embedded default. `dpaat serve`/`dpaat worker` refuse to run the full stack with auth off.

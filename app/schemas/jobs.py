@@ -25,7 +25,13 @@ Architecture = Literal[
 AttackName = Literal["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancel_requested", "cancelled"]
 # Fields of TrainConfig the server sets itself (paths on the server, hardware).
-SERVER_FIELDS = frozenset({"data_root", "manifest", "pretrained", "reference_checkpoint", "device"})
+SERVER_FIELDS = frozenset(
+    {"data_root", "manifest", "pretrained", "reference_checkpoint", "device"}
+    | {"init_checkpoint", "init_model", "replace_head"}  # from init_model_id / replace_head
+)
+# Fine-tuning a model (init_model_id) changes these defaults, unless the request sets them: a
+# lower peak learning rate and a warm-up (onecycle), so the pretrained features are not wiped.
+FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 0.01, "scheduler": "onecycle"}
 PER_SAMPLE_EPS_METHODS = ("dpaat", "amat_external", "iaat_flip")
 EPS_LIMIT = 64.0  # 64/255: past this an L-inf attack can erase any image
 
@@ -140,10 +146,35 @@ class TrainJobRequest(BaseModel):
         "(null: the job trains one first).",
     )
 
+    init_model_id: str | None = Field(
+        default=None,
+        description="Fine-tune this registered model (trained here or uploaded: dpaat, "
+        "torchvision or timm) instead of starting from random weights. Its architecture and "
+        "image size are used; lr and scheduler default to 0.01 and onecycle (warm-up).",
+    )
+    replace_head: bool = Field(
+        default=False,
+        description="With init_model_id: a fresh final layer for the dataset's classes (needed "
+        "when they differ from the model's).",
+    )
+    pretrained: Literal["imagenet"] | None = Field(
+        default=None,
+        description="Start from ImageNet weights the administrator placed on the server "
+        "(DPAAT_PRETRAINED_DIR); nothing is downloaded.",
+    )
+
     @model_validator(mode="after")
     def _reference_only_for_amat(self) -> TrainJobRequest:
         if self.reference_model_id is not None and self.config.method != "amat_external":
             raise ValueError("reference_model_id is only used by method 'amat_external'")
+        if self.replace_head and self.init_model_id is None:
+            raise ValueError("replace_head: only used with init_model_id")
+        if self.init_model_id is not None:
+            if self.pretrained is not None:
+                raise ValueError("pretrained: init_model_id already gives the initial weights")
+            for key, value in FINETUNE_DEFAULTS.items():
+                if key not in self.config.model_fields_set:
+                    setattr(self.config, key, value)
         return self
 
 

@@ -56,6 +56,11 @@ def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, 
     else:  # generated data; the split is implied by the seed
         config["data_root"] = None
         config["manifest"] = None
+    if params.get("init_model_id"):
+        config.update(init_config(_model(session, params["init_model_id"]), store))
+        config["replace_head"] = bool(params.get("replace_head"))
+    if params.get("pretrained") == "imagenet":
+        config["pretrained"] = str(imagenet_weights(config.get("arch", "small_cnn")))
     if params.get("reference_model_id"):
         ref = _model(session, params["reference_model_id"])
         if ref.weights_format != "checkpoint":
@@ -96,3 +101,45 @@ def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str,
         args["data_root"] = str(datasets.dataset_root(ds, store))
         args["manifest"] = str(datasets.manifest_path(ds, store))
     return args
+
+
+def init_config(model: Model, store: ArtifactStore) -> dict[str, Any]:
+    """The TrainConfig fields that make a run start from ``model``: its weights, description,
+    architecture and input size."""
+    check_can_finetune(model)
+    return {
+        "init_checkpoint": str(weights_path(model, store)),
+        "init_model": models_registry.load_info(model),
+        "arch": model.architecture,
+        "image_size": model.image_size,
+    }
+
+
+def check_can_finetune(model: Model) -> None:
+    if model.weights_format == "onnx":
+        raise Invalid(
+            "init_model_id: an ONNX model cannot be fine-tuned (its graph is converted for "
+            "attacks, not rebuilt for training); upload its weights as safetensors with a "
+            "torchvision or timm description"
+        )
+
+
+def imagenet_weights(arch: str) -> Path:
+    """``<pretrained_dir>/<arch>.safetensors`` (``timm/resnet10t`` -> ``timm/resnet10t...``),
+    placed by the administrator; Invalid (a 422 at submission) when it is not there."""
+    from app.core.settings import get_settings
+
+    root = get_settings().pretrained_dir
+    if root is None:
+        raise Invalid(
+            "pretrained: this server offers no ImageNet weights (its administrator sets "
+            "DPAAT_PRETRAINED_DIR and places <arch>.safetensors there; see "
+            "docs/model-description.md)"
+        )
+    path = (root / f"{arch}.safetensors").resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise Invalid(
+            f"pretrained: no ImageNet weights for {arch} on this server "
+            f"({arch}.safetensors is not in its pretrained directory)"
+        )
+    return path

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.db.tables import Job
-from app.services import datasets, jobs, models_registry, quotas
+from app.services import datasets, job_params, jobs, models_registry, quotas
 from app.services.errors import Invalid
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,34 @@ def submit_train(
     """Queue a training job (``params`` = a validated ``TrainJobRequest`` as JSON)."""
     if (job := _replayed(session, "train", owner, params, idempotency_key)) is not None:
         return job, False
-    if params.get("dataset_id"):
+    ds = (
         datasets.get_dataset(session, params["dataset_id"], owner)
+        if params.get("dataset_id")
+        else None
+    )
+    if params.get("init_model_id"):
+        _check_init_model(session, owner, params, None if ds is None else list(ds.classes))
+    if params.get("pretrained") == "imagenet":
+        job_params.imagenet_weights(str((params.get("config") or {}).get("arch", "small_cnn")))
     if params.get("reference_model_id"):
         ref = models_registry.get_model(session, params["reference_model_id"], owner)
         if ref.weights_format != "checkpoint" or ref.training_method != "standard":
             raise Invalid("reference_model_id must name a 'standard' model trained by this service")
     return _submit(session, dispatcher, "train", owner, params, idempotency_key, max_active_jobs)
+
+
+def _check_init_model(
+    session: Session, owner: str, params: dict[str, Any], classes: list[str] | None
+) -> None:
+    """Fail fast: the model exists for this owner, can be fine-tuned, and has the dataset's
+    classes (or the request replaces the head)."""
+    model = models_registry.get_model(session, params["init_model_id"], owner)
+    job_params.check_can_finetune(model)
+    if classes is not None and list(model.classes) != classes and not params.get("replace_head"):
+        raise Invalid(
+            f"init_model_id: the dataset's classes {classes} differ from the model's "
+            f"{list(model.classes)}; set replace_head: true to train a fresh final layer"
+        )
 
 
 def submit_evaluate(

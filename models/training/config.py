@@ -79,6 +79,12 @@ class TrainConfig:
     robust_val_samples: int = 256
     robust_val_steps: int = 10
     best_by: str = "auto"  # auto | last | val_acc | val_bacc | robust_val_acc | robust_val_bacc
+    # Fine-tuning: start from these weights (a checkpoint of this project, or safetensors/ONNX
+    # described by ``init_model``, a model.json dict); ``replace_head`` gives the network a fresh
+    # final layer of the dataset's width instead of requiring the same classes.
+    init_checkpoint: str | None = None
+    init_model: dict[str, Any] | None = None
+    replace_head: bool = False
 
     @property
     def step_delta(self) -> float:

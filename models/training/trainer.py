@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from models.attacks import per_sample_ce
 from models.data import DataBundle, DataError, TensorImageDataset, load_bundle, to_float
-from models.nets import Classifier, build_model
+from models.nets import Classifier
 from models.training import batching, dpaat, validation
 from models.training.checkpoint import (
     FORMAT,
@@ -43,6 +43,7 @@ from models.training.checkpoint import (
     write_text_atomic,
 )
 from models.training.config import TrainConfig
+from models.training.finetune import initial_model
 from models.training.hooks import StopOnly, TrainingHooks
 from models.training.methods import Method, make_method
 
@@ -200,7 +201,7 @@ class Run:
         train = bundle.train
         k = len(bundle.classes)
         torch.manual_seed(cfg.seed)  # the same initial weights for every method of a seed
-        model: Classifier = build_model(cfg.arch, k, cfg.pretrained).to(device)
+        model: Classifier = initial_model(cfg, list(bundle.classes)).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
