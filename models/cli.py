@@ -209,6 +209,54 @@ def predict_cmd(
             typer.echo(json.dumps({"image": str(path), **res}))
 
 
+def export_cmd(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="checkpoint.pt, a .safetensors/.onnx file (with --model-info), or the id of a "
+            "model registered on --server."
+        ),
+    ],
+    format: Annotated[str, typer.Option("--format", help="safetensors or onnx.")] = "safetensors",
+    out: Annotated[Path | None, typer.Option(help="Archive path (model-FORMAT.zip).")] = None,
+    model_info: Annotated[
+        Path | None, typer.Option("--model-info", help="model.json of a .safetensors/.onnx file.")
+    ] = None,
+    server: Annotated[
+        str | None, typer.Option(envvar="DPAAT_SERVER", help="Server of a registered model.")
+    ] = None,
+    key: Annotated[str | None, typer.Option(envvar="DPAAT_API_KEY", help="API key.")] = None,
+) -> None:
+    """Export a model as a zip of model.json + model.safetensors or model.onnx (no pickle, no
+    server path), ready for `dpaat audit --weights ... --model-info model.json`."""
+    with user_errors():
+        target = out or Path(f"model-{format}.zip")
+        if Path(source).is_file():
+            from models.api import load_model
+            from models.export import export_archive
+
+            info = json.loads(model_info.read_text()) if model_info is not None else None
+            loaded = load_model(source, info=info)
+            data = export_archive(loaded.model, loaded.info, format, source)
+        elif server:
+            import httpx
+
+            headers = {"X-API-Key": key} if key else {}
+            r = httpx.get(
+                f"{server.rstrip('/')}/api/v1/models/{source}/export",
+                params={"format": format},
+                headers=headers,
+                timeout=300.0,
+            )
+            if r.status_code != 200:
+                raise ValueError(f"the server answered {r.status_code}: {r.text[:500]}")
+            data = r.content
+        else:
+            raise ValueError(f"{source}: no such file (give --server to export a registered model)")
+        target.write_bytes(data)
+        typer.echo(json.dumps({"archive": str(target), "format": format, "bytes": len(data)}))
+
+
 def _progress_printer() -> Callable[[str, float], None]:
     last: dict[str, int] = {}
 
@@ -226,6 +274,7 @@ def register(cli: typer.Typer) -> None:
     cli.command("train")(train_cmd)
     cli.command("evaluate")(evaluate_cmd)
     cli.command("predict")(predict_cmd)
+    cli.command("export")(export_cmd)
     from models.experiment_cli import experiment_cmd
 
     cli.command("experiment")(experiment_cmd)
