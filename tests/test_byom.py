@@ -159,7 +159,7 @@ def test_onnx_refusals_name_the_problem(tmp_path: Path) -> None:
     onnx.save(graph("Relu"), str(tmp_path / "ok.onnx"))
     assert check_onnx(tmp_path / "ok.onnx", dict(info))["onnx_max_abs_diff"] <= 1e-4
     onnx.save(graph("Shrink"), str(tmp_path / "shrink.onnx"))
-    with pytest.raises(OnnxError, match="unsupported ONNX operator.*Shrink"):
+    with pytest.raises(OnnxError, match=r"unsupported ONNX operator.*Shrink"):
         check_onnx(tmp_path / "shrink.onnx", dict(info))
     onnx.save(graph("Relu", k=4), str(tmp_path / "four.onnx"))
     with pytest.raises(OnnxError, match="classes: the description lists 3 classes"):
