@@ -45,6 +45,7 @@ def demo_cmd(
 # lists every command, and one of these missing means "install the extra", not a traceback.
 _EXTRA_PACKAGES = {"torch", "torchvision", "numpy", "PIL", "matplotlib", "safetensors", "fastapi"}
 _EXTRA_PACKAGES |= {"uvicorn", "sqlalchemy", "alembic", "celery", "redis", "psycopg"}
+_EXTRA_PACKAGES |= {"timm", "onnx", "onnxruntime", "onnx2torch"}  # issue 10: bring your own model
 
 
 def main() -> None:

@@ -454,14 +454,15 @@ def audit_cmd(
     weights: Path | None = typer.Option(
         None,
         "--weights",
-        help="A model file to audit (safetensors), uploaded in the audit request; needs "
-        "--model-info and --dataset. The server registers it as your model.",
+        help="A model file to audit (safetensors, or ONNX with framework onnx), uploaded in the "
+        "audit request; needs --model-info and --dataset. The server registers it as your model.",
     ),
     model_info: Path | None = typer.Option(
         None,
         "--model-info",
-        help='The JSON description of --weights, as for POST /api/v1/models: {"architecture": '
-        '"small_cnn", "classes": [...], "image_size": 64, "name": "..."}.',
+        help="model.json, the description of --weights (docs/model-description.md), as for POST "
+        '/api/v1/models: {"framework": "timm", "architecture": "resnet10t", "classes": [...], '
+        '"image_size": 224}.',
     ),
     threshold: list[str] = typer.Option(
         ...,
