@@ -254,3 +254,12 @@ def test_dpaat_fine_tuning_from_an_uploaded_model_then_export_and_audit(
     )  # fmt: skip
     in_place = json.loads((registered / "audit.json").read_text())
     assert accuracies(doc) == accuracies(in_place)
+    # `dpaat export MODEL_ID --server`: the robust model as ONNX, accepted back by the server
+    out = tmp_path / "robust.zip"
+    args = ["export", tuned, "--server", stack.base_url, "--key", stack.api_key, "--format", "onnx"]
+    done = dpaat(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(out) as z:
+        z.extractall(tmp_path / "robust")
+    assert json.loads((tmp_path / "robust" / "model.json").read_text())["framework"] == "onnx"
+    upload(stack, tmp_path / "robust" / "model.onnx", tmp_path / "robust" / "model.json")

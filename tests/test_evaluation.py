@@ -237,7 +237,7 @@ def test_grad_cam_removes_hook_on_error(trained) -> None:
     with pytest.raises(RuntimeError):
         grad_cam(model, torch.rand(2, 5, 32, 32))  # wrong channel count fails inside forward
     assert _hook_count(model) == hooks
-    with pytest.raises(ValueError, match="cam_layer"):
+    with pytest.raises(ValueError, match="no Grad-CAM layer"):
         grad_cam(nn.Linear(3, 3), torch.rand(2, 3))
 
 

@@ -106,9 +106,10 @@ def download_weights(
     model_id: str, session: SessionDep, store: StoreDep, owner: OwnerDep
 ) -> FileResponse:
     """A trained model's checkpoint (``.pt``, load with ``torch.load(weights_only=True)``) or an
-    uploaded model's ``.safetensors``; the ETag is the file's sha256."""
+    uploaded model's ``.safetensors`` or ``.onnx``; the ETag is the file's sha256. For a file
+    without pickles or server paths, use ``/export``."""
     model = models_registry.get_model(session, model_id, owner)
-    suffix = ".pt" if model.weights_format == "checkpoint" else ".safetensors"
+    suffix = {"checkpoint": ".pt", "onnx": ".onnx"}.get(model.weights_format, ".safetensors")
     return FileResponse(
         _existing(store, model.weights_uri, "weights file"),
         media_type="application/octet-stream",
