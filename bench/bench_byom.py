@@ -87,8 +87,15 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), {args.repeats} repeats (medians)")  # fmt: skip
     print(f"max abs logit difference ONNX vs native: {diff:.2e}")
-    same = reports["native"]["robust"] == reports["onnx"]["robust"]
-    print(f"identical robust metrics: {same}")
+
+    def accuracy(name: str) -> dict[str, object]:
+        robust = reports[name]["robust"]
+        assert isinstance(robust, dict)
+        return {k: (v["accuracy"], v["per_attack"]) for k, v in robust.items()}
+
+    print(
+        f"identical accuracies (clean and per eps and attack): {accuracy('native') == accuracy('onnx')}"
+    )
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in times.items()}  # fmt: skip
     for name, (w, c) in med.items():

@@ -108,7 +108,7 @@ def _require(path: Path, info: dict[str, Any]) -> None:
     if "arch" not in info and "architecture" not in info:
         missing.add("architecture")
     if missing:
-        raise ValueError(f"{path.name}: the model description lacks {sorted(missing)}")
+        raise ValueError(f"{path.name}: a model needs {sorted(missing)} in its description")
 
 
 def _load_safetensors(path: Path, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
