@@ -93,9 +93,8 @@ def main() -> None:
         assert isinstance(robust, dict)
         return {k: (v["accuracy"], v["per_attack"]) for k, v in robust.items()}
 
-    print(
-        f"identical accuracies (clean and per eps and attack): {accuracy('native') == accuracy('onnx')}"
-    )
+    same = accuracy("native") == accuracy("onnx")
+    print(f"identical accuracies (clean, per eps and attack): {same}")
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in times.items()}  # fmt: skip
     for name, (w, c) in med.items():
