@@ -243,3 +243,26 @@ def test_fine_tuning_requests_are_checked_when_submitted(app: App) -> None:
     assert submit(init_model_id="0" * 32).status_code == 404
     r = submit(pretrained="imagenet", config={"arch": "resnet18"})
     assert r.status_code == 422 and "DPAAT_PRETRAINED_DIR" in r.text
+
+
+def test_imagenet_weights_come_only_from_the_administrators_directory(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.core.settings import get_settings
+    from app.services import job_params
+
+    monkeypatch.setenv("DPAAT_PRETRAINED_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        (tmp_path / "resnet18.safetensors").write_bytes(torchvision_weights("resnet18", 1000))
+        r = app.client.post(
+            f"{API}/jobs/train", json={"pretrained": "imagenet", "config": {"arch": "resnet18"}}
+        )
+        assert r.status_code == 201, r.text
+        assert job_params.imagenet_weights("resnet18") == tmp_path / "resnet18.safetensors"
+        r = app.client.post(
+            f"{API}/jobs/train", json={"pretrained": "imagenet", "config": {"arch": "resnet50"}}
+        )
+        assert r.status_code == 422 and "no ImageNet weights for resnet50" in r.text
+    finally:
+        get_settings.cache_clear()
