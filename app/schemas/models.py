@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Label, Name, ORMModel
 from app.schemas.jobs import Architecture, Method
 
 
@@ -29,9 +29,9 @@ class ModelDescription(BaseModel):
     )
 
     architecture: Architecture
-    classes: list[str] = Field(min_length=2, max_length=1000)
+    classes: list[Label] = Field(min_length=2, max_length=1000)
     image_size: int = Field(ge=16, le=1024, description="Input size the model expects (pixels).")
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     training_method: Method | None = Field(
         default=None, description="How it was trained, if known."
     )
