@@ -138,7 +138,7 @@ def _soak(
         stack.url("/datasets"), files={"file": ("ham.zip", ham_archive(ham), "application/zip")}
     )
     assert r.status_code == 201, r.text
-    dataset = r.json()["id"]
+    dataset, classes = r.json()["id"], list(r.json()["classes"])
     ids: list[str] = []
     for i in range(args.train_jobs):
         config = {**TINY, "method": "dpaat", "epochs": args.epochs, "seed": i}
@@ -147,30 +147,28 @@ def _soak(
         )
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
-    # Evaluation jobs need a model: the first training job's, when it is done.
+    model = _upload_model(stack, classes)
+    eval_ids: list[str] = []
+    for _ in range(args.eval_jobs):
+        r = stack.http.post(
+            stack.url("/jobs/evaluate"),
+            json={
+                "model_id": model,
+                "dataset_id": dataset,
+                "part": "train",  # the largest part: evaluations long enough to be killed
+                "eps_list": [0, 1, 2, 4],
+                "attacks": [{"name": "pgd", "steps": 5}],
+                "gradcam": False,
+            },
+        )
+        assert r.status_code == 201, r.text
+        eval_ids.append(r.json()["id"])
     started = time.time()
     kills: list[dict[str, Any]] = []
     seen_epochs: dict[tuple[str, int], datetime] = {}
     events: list[str] = []
-    eval_ids: list[str] = []
     n = 0
     while n < args.kills:
-        if not eval_ids:
-            first = _jobs(stack, ids[:1])[ids[0]]
-            if first.status == "succeeded" and first.result:
-                for _ in range(args.eval_jobs):
-                    r = stack.http.post(
-                        stack.url("/jobs/evaluate"),
-                        json={
-                            "model_id": first.result["model_id"],
-                            "dataset_id": dataset,
-                            "eps_list": [0, 1, 2],
-                            "attacks": [{"name": "pgd", "steps": 2}],
-                            "gradcam": False,
-                        },
-                    )
-                    assert r.status_code == 201, r.text
-                    eval_ids.append(r.json()["id"])
         all_ids = ids + eval_ids
         states = _jobs(stack, all_ids)
         running = [j for j in states.values() if j.status == "running" and j.worker_id]
@@ -264,6 +262,24 @@ def _soak(
         "wall_s": round(time.time() - started),
         "per_kill": kills,
     }
+
+
+def _upload_model(stack: Stack, classes: list[str]) -> str:
+    """An untrained small CNN (safetensors) for the evaluation jobs."""
+    from safetensors.torch import save_model
+
+    from models.nets import build_model
+
+    path = Path(tempfile.mkdtemp()) / "w.safetensors"
+    save_model(build_model("small_cnn", len(classes)), str(path))
+    description = {"architecture": "small_cnn", "classes": classes, "image_size": 32}
+    r = stack.http.post(
+        stack.url("/models"),
+        files={"weights": ("w.safetensors", path.read_bytes(), "application/octet-stream")},
+        data={"description": json.dumps(description)},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
 
 
 def _more_training(stack: Stack, dataset: str, args: argparse.Namespace, offset: int) -> list[str]:
