@@ -177,7 +177,20 @@ def _soak(
                 ids += _more_training(stack, dataset, args, len(ids))  # keep work for the kills
             time.sleep(0.3)
             continue
-        time.sleep(rng.uniform(0.5, 4.0))  # a random moment of the work in progress
+        # Kill at a random moment of real work: once one more epoch has been recorded (or an
+        # evaluation is under way), 0-3 s into what follows.
+        done = len(_epochs(stack, ids))
+
+        def progressed(done: int = done) -> bool:
+            states = _jobs(stack, ids + eval_ids)
+            evaluating = any(
+                j.status == "running" and (j.progress or {}).get("phase") == "evaluating"
+                for j in states.values()
+            )
+            return evaluating or len(_epochs(stack, ids)) > done
+
+        wait_for(progressed, 300, f"progress before kill {n + 1}", every=0.2)
+        time.sleep(rng.uniform(0.0, 3.0))
         running = [
             j for j in _jobs(stack, all_ids).values() if j.status == "running" and j.worker_id
         ]
