@@ -181,7 +181,7 @@ def _soak(
         # evaluation is under way), 0-3 s into what follows.
         done = len(_epochs(stack, ids))
 
-        def progressed(done: int = done) -> bool:
+        def progressed(done: int = done, ids: list[str] = ids) -> bool:
             states = _jobs(stack, ids + eval_ids)
             evaluating = any(
                 j.status == "running" and (j.progress or {}).get("phase") == "evaluating"
