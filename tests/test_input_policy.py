@@ -33,7 +33,6 @@ from test_api import (
     zip_bytes,
 )
 
-from app.services import public_errors
 from app.services.errors import Invalid
 
 # test_api's fixtures: the app on SQLite and on the real PostgreSQL, its stored state.
@@ -173,6 +172,8 @@ def test_valid_unicode_is_accepted(api: Api) -> None:
 def test_job_errors_are_short_and_carry_no_sql_or_paths() -> None:
     """What the worker stores on a failed job (worker.runner._fail)."""
     from sqlalchemy.exc import DataError
+
+    from app.services import public_errors
 
     sql = DataError(
         "INSERT INTO models (id, name) VALUES (%(id)s, %(name)s)", {"name": "a\x00b"}, Exception()
