@@ -52,8 +52,12 @@ ENV = {  # the defaults of issue 14 (heartbeat 2 s, lease 5 s, reaper every 2 s,
 }
 
 
+_STARTED: list[Any] = []  # every process this script started, stopped at the end
+
+
 def _start(stack: Stack, name: str, *args: str) -> Any:
     proc, log = stack._spawn(name, "worker", *args, "--hostname", f"{name}@soak")
+    _STARTED.append(proc)
     wait_for(lambda: " ready." in log.read_text(errors="replace"), 120, name, every=0.3)
     return proc
 
@@ -110,7 +114,12 @@ def main() -> int:
         with running_stack(proxied, broker.url, tmp, env=ENV) as stack:
             direct = make_url(stack.database_url).set(host=url.host, port=url.port)
             stack.engine = create_engine(direct.render_as_string(hide_password=False))
-            report = _soak(stack, proxy, broker, ham, rng, args)
+            try:
+                report = _soak(stack, proxy, broker, ham, rng, args)
+            finally:
+                for proc in _STARTED:  # the stack stops only the processes it started itself
+                    if proc.poll() is None:
+                        _kill(proc)
     finally:
         broker.stop()
     print(json.dumps(report, indent=2))
