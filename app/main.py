@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.api import API_PREFIX, errors
 from app.api.auth import AuthMiddleware
+from app.api.input_policy import InputPolicyMiddleware
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.routes import audits, compare, datasets, health, jobs, keys, models, predict
@@ -134,6 +135,9 @@ def create_app(
 
     errors.install(app)
     ui.install(app, settings)  # the dashboard (/ui) and offline /docs, /redoc
+    # Issue 14: one text policy (no control/bidi characters, bounded lengths) for every path,
+    # query and body field of every route; inside the body limit and the key check.
+    app.add_middleware(InputPolicyMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     # Outside the body limit: a request without a valid key is refused before anything else.
     app.add_middleware(AuthMiddleware, settings=settings, factory=app.state.sessionmaker)

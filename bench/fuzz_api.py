@@ -9,6 +9,7 @@ evaluation job, another owner's API key) in their path, so the fuzzer reaches th
 on and a dispatcher that sends nothing.
 
     .venv/bin/python bench/fuzz_api.py [--max-examples 150] [--seed 0] [--json out.json]
+                                       [--postgres [SERVER_URL]]
 """
 
 from __future__ import annotations
@@ -155,11 +156,27 @@ def main() -> int:
     parser.add_argument("--max-examples", type=int, default=150, help="cases per operation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--postgres",
+        metavar="SERVER_URL",
+        nargs="?",
+        const="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        help="run on a fresh database of this PostgreSQL server (a NUL in a text column is a "
+        "server error there, not on SQLite); default: SQLite",
+    )
     args = parser.parse_args()
+    if args.postgres:
+        from app.db.testing import fresh_postgres_database
 
+        with fresh_postgres_database(args.postgres, prefix="dpaat_fuzz") as url:
+            return _run(args, url)
+    return _run(args, None)
+
+
+def _run(args: argparse.Namespace, database_url: str | None) -> int:
     root = Path(tempfile.mkdtemp(prefix="dpaat-fuzz-"))
     config = Settings(
-        database_url=f"sqlite:///{root / 'fuzz.db'}",
+        database_url=database_url or f"sqlite:///{root / 'fuzz.db'}",
         artifact_dir=root / "artifacts",
         data_roots=[root / "artifacts"],
         auth="on",
@@ -189,8 +206,10 @@ def main() -> int:
     elapsed = time.monotonic() - began
     cases = sum(statuses.values())
     server_errors = sum(n for status, n in statuses.items() if status >= 500)
+    app.state.engine.dispose()  # the database can be dropped now
     print(
-        f"\n{len(per_operation)} operations, {cases} cases in {elapsed:.0f} s, "
+        f"\n{'PostgreSQL' if database_url else 'SQLite'}: "
+        f"{len(per_operation)} operations, {cases} cases in {elapsed:.0f} s, "
         f"{server_errors} answers 5xx; by status: {dict(sorted(statuses.items()))}"
     )
     for failure in failures:
@@ -199,6 +218,7 @@ def main() -> int:
         args.json.write_text(
             json.dumps(
                 {
+                    "database": "postgresql" if database_url else "sqlite",
                     "operations": len(per_operation),
                     "cases": cases,
                     "server_errors": server_errors,

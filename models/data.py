@@ -67,6 +67,13 @@ def default_data_root() -> Path | None:
     return None
 
 
+def files_by_lower_name(folder: Path) -> dict[str, Path]:
+    """The files of ``folder`` by lower-cased name (empty when there is no such folder)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def load_ham10000(root: str | Path) -> SampleList:
     """HAM10000 layout: ``labels.csv`` (or ``HAM10000_metadata.csv``), ``images/``, ``masks/``
     (optional)."""
@@ -80,7 +87,11 @@ def load_ham10000(root: str | Path) -> SampleList:
     mask_dir = root / "masks"
     index = {s: i for i, s in enumerate(HAM10000_CLASSES)}
     samples: list[Sample] = []
-    with csv_path.open(newline="") as f:
+    # File names matched case-insensitively (cameras and Windows write ISIC_0024306.JPG).
+    images = files_by_lower_name(image_dir)
+    masks = files_by_lower_name(mask_dir)
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing_cols = {"image_id", "dx"} - set(reader.fieldnames or [])
         if missing_cols:
@@ -91,21 +102,21 @@ def load_ham10000(root: str | Path) -> SampleList:
                 raise DataError(f"{csv_path}: unknown class {dx!r} for {row['image_id']}")
             image = next(
                 (
-                    image_dir / f"{row['image_id']}{ext}"
+                    images[f"{row['image_id']}{ext}".lower()]
                     for ext in IMAGE_SUFFIXES
-                    if (image_dir / f"{row['image_id']}{ext}").is_file()
+                    if f"{row['image_id']}{ext}".lower() in images
                 ),
                 None,
             )
             if image is None:
                 raise DataError(f"{csv_path}: image {row['image_id']} not found in {image_dir}")
-            mask = mask_dir / f"{row['image_id']}_segmentation.png"
+            mask = masks.get(f"{row['image_id']}_segmentation.png".lower())
             samples.append(
                 Sample(
                     image=str(image),
                     label=index[dx],
                     group=(row.get("lesion_id") or row["image_id"]).strip(),
-                    mask=str(mask) if mask.is_file() else None,
+                    mask=str(mask) if mask is not None else None,
                 )
             )
     if not samples:
@@ -160,8 +171,8 @@ def make_split(
         label = Counter(samples[i].label for i in idx).most_common(1)[0][0]
         by_class[label].append(g)
     rng = random.Random(seed)
-    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    names = list(parts)
+    names = ["train", "val", "test"]
+    dealt: dict[str, list[tuple[int, str]]] = {n: [] for n in names}  # (label, group) per part
     for label in sorted(by_class):
         gs = by_class[label]
         rng.shuffle(gs)
@@ -170,9 +181,38 @@ def make_split(
         for g in gs:
             # the part with the largest deficit against its target takes the group
             part = max(names, key=lambda n: fractions[names.index(n)] * total - taken[n])
-            parts[part].extend(groups[g])
+            dealt[part].append((label, g))
             taken[part] += len(groups[g])
-    return {k: sorted(v) for k, v in parts.items()}
+    _fill_empty_parts(dealt, fractions)
+    return {k: sorted(i for _, g in v for i in groups[g]) for k, v in dealt.items()}
+
+
+def _fill_empty_parts(
+    dealt: dict[str, list[tuple[int, str]]], fractions: tuple[float, float, float]
+) -> None:
+    """A small dataset can leave a part with a non-zero share empty (each class alone is too small
+    for its 10 % of validation); training and evaluation read all three parts. Such a part takes
+    one group from another part that keeps at least one: preferably a group whose class that part
+    keeps too (so train keeps every class), from the part with the most groups, else from test
+    before train. Datasets whose parts are all filled are not changed."""
+    for part, share in zip(("test", "val"), (fractions[2], fractions[1]), strict=True):
+        if dealt[part] or share <= 0:
+            continue
+        donors = [n for n in ("train", "test", "val") if n != part and len(dealt[n]) >= 2]
+        if not donors:
+            continue
+        spare = [
+            (len(dealt[n]), -k, n, i)
+            for k, n in enumerate(donors)
+            for i, (label, _) in enumerate(dealt[n])
+            if sum(lab == label for lab, _ in dealt[n]) >= 2
+        ]
+        if spare:
+            _, _, donor, index = max(spare)
+        else:
+            donor = next((n for n in ("test", "val") if n in donors), donors[0])
+            index = len(dealt[donor]) - 1
+        dealt[part].append(dealt[donor].pop(index))
 
 
 @dataclass

@@ -451,7 +451,13 @@ def test_timing_out_gives_exit_3(server: Server, tmp_path: Path) -> None:
     result = run_client([*args, "--eps", SLOW_EPS, "--timeout", "1"])
     assert result.returncode == 3, result.stderr[-3000:]
     assert time.monotonic() - started < 60
-    assert "timed out" in result.stderr and not (tmp_path / "audit.json").exists()
+    assert "timed out" in result.stderr
+    # issue 14: the files say the audit did not finish, so a CI JUnit step has an error to show
+    doc = json.loads((tmp_path / "audit.json").read_text())
+    assert doc["finished"] is False and "timed out after 1 s" in doc["reason"]
+    error = ET.parse(tmp_path / "audit.xml").getroot().find(".//testcase/error")
+    assert error is not None and error.get("type") == "timeout"
+    assert "did not finish" in (tmp_path / "audit.md").read_text()
     found = re.search(r"audit ([0-9a-f]{32}) is still running", result.stderr.replace("\n", " "))
     assert found is not None, result.stderr
     url = f"/api/v1/audits/{found.group(1)}"

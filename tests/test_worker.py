@@ -48,6 +48,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
     monkeypatch.setenv("DPAAT_LEASE_SECONDS", "3")
     monkeypatch.setenv("DPAAT_HEARTBEAT_SECONDS", "1")
     monkeypatch.setenv("DPAAT_REAP_INTERVAL_SECONDS", "1")
+    monkeypatch.setenv("DPAAT_LOST_WORKER_CONFIRM_SECONDS", "0.05")
     get_settings.cache_clear()
     dispose_engines()
     current = get_settings()
@@ -292,6 +293,9 @@ def test_reaper_requeues_dead_workers_jobs_and_resends_lost_messages(
     with session_scope() as session:
         assert jobs.claim_job(session, dead, "gone", 0.01) is not None
     time.sleep(0.05)
+    assert reaper.reap_and_redispatch(settings) == []  # first sight: shown on the job
+    assert _job(dead).progress["lost_worker"]["suspected"] is True
+    time.sleep(0.1)  # no heartbeat within the confirmation
     assert reaper.reap_and_redispatch(settings) == [(dead, "train")]
     job = _job(dead)
     assert job.status == "queued" and job.retries == 1 and job.worker_id is None

@@ -26,7 +26,12 @@ def reap_and_redispatch(
     settings = settings or get_settings()
     stale = settings.stale_queued_seconds if stale_queued_seconds is None else stale_queued_seconds
     with session_scope() as session:
-        resend = jobs.reap(session, max_retries=settings.max_retries, stale_queued_seconds=stale)
+        resend = jobs.reap(
+            session,
+            max_retries=settings.max_retries,
+            stale_queued_seconds=stale,
+            confirm_seconds=settings.lost_worker_confirm_seconds,
+        )
     for job_id, kind in resend:
         log.info("reaper: re-sending %s job %s", kind, job_id)
         dispatch(job_id, kind)

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from app.core.settings import Settings, get_settings
 from app.db.session import DATABASE_DOWN, session_scope
 from app.db.tables import Artifact, Job, Model
-from app.services import job_params, jobs, models_registry
-from app.services.errors import Invalid, NotFound
+from app.services import job_params, jobs, models_registry, public_errors
+from app.services.errors import NotFound
 from app.services.storage import ArtifactStore
 
 if TYPE_CHECKING:  # worker.hooks imports models (torch): only inside a task, never in the parent
@@ -71,7 +71,12 @@ def _hooks(job: Job, holder: str, settings: Settings) -> JobHooks:
         holder,
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
-        base_progress={"attempt": job.retries + 1, "worker": holder},
+        base_progress={
+            "attempt": job.retries + 1,
+            "worker": holder,
+            # The last lost worker stays visible while the job runs again (issue 14).
+            **{k: v for k, v in (job.progress or {}).items() if k == "lost_worker"},
+        },
     )
 
 
@@ -140,10 +145,16 @@ def _settle(job_id: str, transaction: Callable[[], T]) -> T:
 
 
 def _fail(job_id: str, holder: str, error: BaseException) -> str:
-    log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(error)))
-    message = error.message if isinstance(error, Invalid | NotFound) else f"{error}"
+    # The job keeps a short message for its owner; the details stay in this log (issue 14).
+    reference = public_errors.new_reference()
+    log.error(
+        "job %s failed (reference %s):\n%s",
+        job_id,
+        reference,
+        "".join(traceback.format_exception(error)),
+    )
     with session_scope() as session:
-        jobs.fail_job(session, job_id, holder, f"{type(error).__name__}: {message}")
+        jobs.fail_job(session, job_id, holder, public_errors.job_error(error, reference))
     return "failed"
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db.session import DATABASE_DOWN
-from app.services import errors
+from app.services import errors, public_errors
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,20 @@ async def _database_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # The client gets a reference to quote, never the exception's text (SQL, paths).
+    reference = public_errors.new_reference()
+    log.exception(
+        "unhandled error on %s %s (reference %s)",
+        request.method,
+        request.url.path,
+        reference,
+        exc_info=exc,
+    )
+    return JSONResponse(
+        {"detail": f"internal server error (reference {reference})"},
+        status_code=500,
+        headers={"X-Error-Reference": reference},
+    )
 
 
 class DatabaseDownMiddleware:

@@ -230,22 +230,71 @@ def _post_audit(
         )
 
 
+class SubmitTimeout(Exception):
+    """The server kept answering 429/503 (Retry-After) until the overall timeout (exit 3)."""
+
+
+def retry_after(r: httpx.Response, default: float = 5.0) -> float:
+    """Seconds a 429/503 asks to wait (``Retry-After``: seconds or an HTTP date)."""
+    value = r.headers.get("Retry-After", "").strip()
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return default
+
+
 def submit(
-    client: httpx.Client, body: dict[str, Any], key: str, upload: Upload | None = None
+    client: httpx.Client,
+    body: dict[str, Any],
+    key: str,
+    upload: Upload | None = None,
+    *,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """POST the audit (with the model file when ``upload``), retrying transient failures with
-    the same Idempotency-Key."""
+    the same Idempotency-Key. A 429 or 503 is retried after its ``Retry-After`` for as long as
+    ``deadline`` (a ``clock()`` time) allows; ``SubmitTimeout`` when it does not."""
     last = ""
-    for attempt in range(_SUBMIT_TRIES):
-        if attempt:
-            time.sleep(min(2.0 ** (attempt - 1), 4.0))
+    attempt = 0
+    while attempt < _SUBMIT_TRIES:
         try:
             r = _post_audit(client, body, key, upload)
         except httpx.TransportError as e:
             last = f"cannot reach {client.base_url}: {e}"
+            r = None
+        if r is not None and r.status_code in (429, 503):
+            wait_for = retry_after(r)
+            if deadline is not None and clock() + wait_for > deadline:
+                raise SubmitTimeout(
+                    f"the server answered {r.status_code} ({_detail(r)}) and asked to retry "
+                    f"in {wait_for:g} s, after the timeout"
+                )
+            last = f"the server answered {r.status_code}: {_detail(r)}"
+            if deadline is None:  # no overall timeout: a bounded number of tries
+                attempt += 1
+                if attempt >= _SUBMIT_TRIES:
+                    break
+            console.print(f"[yellow]{last}; retrying in {wait_for:g} s[/]")
+            sleep(wait_for)
+            continue  # with a deadline, not a failed try: the server said when to come back
+        attempt += 1
+        if r is None:
+            sleep(min(2.0 ** (attempt - 1), 4.0))
             continue
         if r.status_code >= 500:
             last = f"the server answered {r.status_code}: {_detail(r)}"
+            sleep(min(2.0 ** (attempt - 1), 4.0))
             continue
         if r.status_code in (401, 403):
             raise UsageError(f"authentication refused ({r.status_code}): {_detail(r)}")
@@ -286,6 +335,7 @@ def wait(
     ) as bar:
         task = bar.add_task("", total=1.0, audit=audit["id"][:8], status=audit["status"])
         shown = None
+        pause = poll
         while True:
             status = audit["status"]
             progress = audit.get("progress") or {}
@@ -305,10 +355,15 @@ def wait(
                 return audit
             if clock() >= deadline:
                 return None
-            time.sleep(max(0.0, min(poll, deadline - clock())))
+            time.sleep(max(0.0, min(pause, deadline - clock())))
+            pause = poll
             try:
                 audit = _get(client, f"{API}/audits/{audit['id']}").json()
-            except (httpx.TransportError, httpx.HTTPStatusError) as e:
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code in (429, 503):  # wait as long as the server asks
+                    pause = max(poll, retry_after(e.response))
+                console.print(f"[yellow]polling failed ({e}); retrying in {pause:g} s[/]")
+            except httpx.TransportError as e:
                 console.print(f"[yellow]polling failed ({e}); retrying[/]")
 
 
@@ -363,6 +418,20 @@ def write_error_outputs(audit: dict[str, Any], out: Path) -> None:
     )
 
 
+def write_timeout_outputs(audit: dict[str, Any] | None, reason: str, out: Path) -> None:
+    """Files saying the audit did not finish (a CI JUnit step then reports an error case
+    instead of finding nothing): the client timed out waiting, or could not even submit."""
+    where = f"Audit `{audit['id']}` ({audit.get('status')})" if audit else "The audit"
+    message = f"the audit did not finish: {reason}"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"audit": audit, "finished": False, "reason": reason}
+    (out / "audit.json").write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
+    (out / "audit.xml").write_text(render.error_junit(message, "timeout"), encoding="utf-8")
+    (out / "audit.md").write_text(
+        f"## ⏱️ Robustness audit did not finish\n\n{where}: {message}.\n", encoding="utf-8"
+    )
+
+
 def _summary(doc: dict[str, Any]) -> None:
     table = Table(title=f"audit {doc['audit']['id']}", show_lines=False)
     for col in ("rule", "observed", "required", "result"):
@@ -414,8 +483,14 @@ def run(
 ) -> int:
     """Submit, wait, write the files; returns the exit code."""
     headers = {"X-API-Key": key} if key else {}
+    started = time.monotonic()
     with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=30.0) as client:
-        audit = submit(client, body, idempotency_key, upload)
+        try:
+            audit = submit(client, body, idempotency_key, upload, deadline=started + timeout)
+        except SubmitTimeout as e:
+            write_timeout_outputs(None, str(e), out)
+            console.print(f"[red]timed out[/] after {timeout:g} s: {e}")
+            return EXIT_TIMEOUT
         if upload is not None:
             console.print(f"uploaded {upload.weights.name} as model {audit['model_id']}")
         console.print(f"audit {audit['id']} ({audit['status']}) on {server}")
@@ -423,11 +498,14 @@ def run(
             typer.echo(audit["id"])
             return EXIT_PASSED
         try:
-            finished = wait(client, audit, timeout, poll)
+            finished = wait(client, audit, max(0.0, started + timeout - time.monotonic()), poll)
         except KeyboardInterrupt:  # Ctrl-C, or the CI system cancelling the job (SIGTERM)
             _cancel_quietly(client, audit["id"])
             return EXIT_JOB
         if finished is None:
+            write_timeout_outputs(
+                audit, f"timed out after {timeout:g} s; the audit is still running", out
+            )
             console.print(
                 f"[red]timed out[/] after {timeout:g} s; audit {audit['id']} is still running "
                 "(a re-run of this CI job step picks it up again)"

@@ -111,14 +111,15 @@ def junit_xml(doc: Mapping[str, Any]) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def error_junit(message: str) -> str:
-    """JUnit XML for an audit that produced no report (its job failed or was cancelled)."""
+def error_junit(message: str, kind: str = "evaluation_error") -> str:
+    """JUnit XML for an audit that produced no report (its job failed or was cancelled, or the
+    client timed out waiting: ``kind`` "timeout")."""
     root = ET.Element("testsuites", name=SUITE, tests="1", failures="0", errors="1")
     suite = ET.SubElement(
         root, "testsuite", name=SUITE, tests="1", failures="0", errors="1", skipped="0", time="0"
     )
     case = ET.SubElement(suite, "testcase", classname="dpaat.audit", name="evaluation", time="0")
-    ET.SubElement(case, "error", message=message, type="evaluation_error").text = message
+    ET.SubElement(case, "error", message=message, type=kind).text = message
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 

@@ -77,14 +77,24 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=25_000_000, gt=0)
     max_archive_entries: int = Field(default=50_000, gt=0)
     max_archive_extracted_mb: int = Field(default=4096, gt=0)
+    # Issue 14: what training needs, checked at upload (with the split: every part non-empty).
+    min_dataset_images: int = Field(default=6, ge=3)
+    min_images_per_class: int = Field(default=2, ge=1)
 
     # Jobs.
-    lease_seconds: int = Field(default=60, gt=0)
-    heartbeat_seconds: int = Field(default=10, gt=0)
+    # Issue 14: a lost worker shows on its job within a lease plus a reap interval (~7 s), and
+    # its job is re-queued one confirmation later, unless the worker beats again (a database
+    # outage silences every heartbeat; a live worker beats within one once it is back).
+    lease_seconds: int = Field(default=5, gt=0)
+    heartbeat_seconds: int = Field(default=2, gt=0)
+    lost_worker_confirm_seconds: float = Field(default=3.0, ge=0)
     max_retries: int = Field(default=3, ge=0)
     # A job queued this long without a worker is sent again (its message may have been lost).
     stale_queued_seconds: int = Field(default=300, gt=0)
-    reap_interval_seconds: int = Field(default=30, gt=0)
+    reap_interval_seconds: int = Field(default=2, gt=0)
+    # Queues that must have a live worker for /health/ready to answer 200 (comma-separated,
+    # e.g. "train,evaluate"); live workers per queue are reported either way (full stack).
+    required_queues: str = ""
     train_queue: str = "train"
     evaluate_queue: str = "evaluate"
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Identifier, Name, ORMModel
 from app.schemas.jobs import EPS_LIMIT, AttackSpec, Status, _default_attacks
 
 # Metrics of the report's clean / robust[eps] sections a threshold can name (recall.<class> too),
@@ -80,10 +80,9 @@ class Baseline(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    audit_id: str | None = Field(default=None, description="A finished audit of yours.")
-    model_name: str | None = Field(
+    audit_id: Identifier | None = Field(default=None, description="A finished audit of yours.")
+    model_name: Name | None = Field(
         default=None,
-        max_length=200,
         description="The latest passing audit of a model with this name (your production model).",
     )
     max_drop: float = Field(default=0.02, ge=0, le=1)
@@ -120,7 +119,7 @@ class AuditSpec(BaseModel):
         },
     )
 
-    dataset_id: str | None = Field(
+    dataset_id: Identifier | None = Field(
         default=None,
         description="null: the dataset the model was trained on (required for an uploaded model).",
     )
@@ -175,7 +174,7 @@ class AuditRequest(AuditSpec):
         },
     )
 
-    model_id: str = Field(max_length=64)
+    model_id: Identifier
 
 
 class ThresholdResult(BaseModel):

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from app.core import text_policy
 
 T = TypeVar("T")
 # Offsets past this are refused (422) rather than handed to the database as huge integers.
 MAX_OFFSET = 1_000_000_000
+
+
+# Single-line printable texts (see app.core.text_policy), for request fields. The API's input
+# middleware already applies the policy to every field; these types also bound each field's length
+# in the schema and cover JSON that reaches a model by another way (a form field sent as a file).
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=64),
+    AfterValidator(partial(text_policy.check, max_length=64)),
+]
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=200),
+    AfterValidator(partial(text_policy.check, max_length=200)),
+]
+Label = Annotated[
+    str, Field(max_length=200), AfterValidator(partial(text_policy.check, max_length=200))
+]
 
 
 class ErrorOut(BaseModel):

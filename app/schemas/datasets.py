@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Name, ORMModel
 
 
 class RegisterDatasetRequest(BaseModel):
@@ -19,7 +19,7 @@ class RegisterDatasetRequest(BaseModel):
     )
 
     path: str = Field(min_length=1, max_length=1000, description="Absolute server path.")
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
 
 
 class DatasetOut(ORMModel):

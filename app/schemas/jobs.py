@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Identifier, Name, ORMModel
 
 Method = Literal["standard", "pgd_at", "trades", "dpaat", "amat_external", "iaat_flip"]
 Architecture = Literal[
@@ -135,12 +135,12 @@ class TrainJobRequest(BaseModel):
         },
     )
 
-    dataset_id: str | None = Field(
+    dataset_id: Identifier | None = Field(
         default=None, description="A dataset id; null trains on a generated dataset (demo)."
     )
-    name: str | None = Field(default=None, max_length=200, description="Name of the model.")
+    name: Name | None = Field(default=None, description="Name of the model.")
     config: TrainHyperParams = Field(default_factory=TrainHyperParams)
-    reference_model_id: str | None = Field(
+    reference_model_id: Identifier | None = Field(
         default=None,
         description="amat_external only: the standard model whose losses fix tau "
         "(null: the job trains one first).",
@@ -211,8 +211,8 @@ class EvaluateJobRequest(BaseModel):
         },
     )
 
-    model_id: str
-    dataset_id: str | None = Field(
+    model_id: Identifier
+    dataset_id: Identifier | None = Field(
         default=None, description="null: the dataset the model was trained on."
     )
     part: Literal["train", "val", "test"] = "test"

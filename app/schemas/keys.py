@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Label, ORMModel
 
 Scope = Literal["read", "submit", "admin"]
 
@@ -21,7 +21,7 @@ class CreateKeyRequest(BaseModel):
     scopes: list[Scope] = Field(
         min_length=1, max_length=3, description="read, submit and/or admin.", examples=[["read"]]
     )
-    label: str | None = Field(default=None, max_length=200, description="A note for humans.")
+    label: Label | None = Field(default=None, description="A note for humans.")
 
 
 class KeyOut(ORMModel):

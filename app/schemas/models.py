@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.schemas.common import ORMModel
+from app.schemas.common import Label, Name, ORMModel
 from app.schemas.jobs import Architecture, Method
 
 Framework = Literal["dpaat", "torchvision", "timm", "onnx"]
@@ -63,7 +63,7 @@ class ModelDescription(BaseModel):
         description="dpaat: small_cnn, resnet18, ...; torchvision: e.g. resnet50; timm: e.g. "
         "efficientnet_b0; onnx: informative (e.g. the exporter's model name).",
     )
-    classes: list[str] = Field(
+    classes: list[Label] = Field(
         min_length=2, max_length=1000, description="Class names in the order of the outputs."
     )
     image_size: int = Field(ge=16, le=1024, description="Input size the model expects (pixels).")
@@ -89,7 +89,7 @@ class ModelDescription(BaseModel):
         description="Module whose feature map Grad-CAM explains (a name in the network, "
         "e.g. layer4); null: found automatically (the last spatial feature map).",
     )
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     training_method: Method | None = Field(
         default=None, description="How it was trained, if known."
     )

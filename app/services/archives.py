@@ -146,17 +146,35 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int, max_bytes: int)
     return budget.bytes
 
 
-def dataset_root(extracted: Path, max_depth: int = 3) -> Path:
-    """The folder holding the dataset: archives often wrap everything in one top folder."""
+_LABEL_FILES = ("labels.csv", "HAM10000_metadata.csv")
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name not in _JUNK_DIRS
+
+
+def dataset_root(extracted: Path, max_depth: int = 8) -> Path:
+    """The folder holding the dataset: archives often wrap everything in one or more top folders
+    (and macOS adds ``__MACOSX``). A single labels file anywhere marks its folder; otherwise
+    single wrapping folders are unwrapped down to the class folders."""
+    labels = [
+        p
+        for name in _LABEL_FILES
+        for p in extracted.rglob(name)
+        if p.is_file() and all(_visible(Path(part)) for part in p.relative_to(extracted).parts)
+    ]
+    folders = {p.parent for p in labels}
+    if len(folders) == 1:
+        return folders.pop()
     root = extracted
     for _ in range(max_depth):
-        children = [c for c in root.iterdir() if not c.name.startswith(".")]
+        children = [c for c in root.iterdir() if _visible(c)]
         if (root / "labels.csv").is_file() or len(children) != 1 or not children[0].is_dir():
             break
         inner = children[0]
         # A single folder of images is one class, not a wrapper: stop when it has no subfolders
         # and no labels file (the layout check then reports the problem).
-        if not (inner / "labels.csv").is_file() and not any(c.is_dir() for c in inner.iterdir()):
+        if not any(c.is_dir() and _visible(c) for c in inner.iterdir()):
             break
         root = inner
     return root

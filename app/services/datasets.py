@@ -40,11 +40,11 @@ def check_labels(root: Path) -> None:
     if csv_path is None:
         return
     image_dir = root / "images" if (root / "images").is_dir() else root
-    present = {p.name for p in image_dir.iterdir() if p.is_file()}
+    present = {p.name.lower() for p in image_dir.iterdir() if p.is_file()}  # .JPG is a .jpg
     problems: dict[str, list[str]] = defaultdict(list)
     first_row: dict[str, int] = {}
     try:
-        with csv_path.open(newline="", encoding="utf-8") as f:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             reader = csv.DictReader(f)
             missing_cols = {"image_id", "dx"} - set(reader.fieldnames or [])
             if missing_cols:
@@ -64,7 +64,7 @@ def check_labels(root: Path) -> None:
                 first_row[image_id] = line
                 if dx not in HAM10000_CLASSES:
                     problems["unknown class"].append(f"line {line} {image_id}: {dx[:40]!r}")
-                if not any(f"{image_id}{ext}" in present for ext in IMAGE_SUFFIXES):
+                if not any(f"{image_id}{ext}".lower() in present for ext in IMAGE_SUFFIXES):
                     problems["missing image"].append(f"line {line} {image_id}")
     except (UnicodeDecodeError, csv.Error) as e:
         raise Invalid(f"not a dataset: {csv_path.name} is not a readable CSV file: {e}") from e
@@ -127,9 +127,11 @@ def _describe(
             head = f.read(8)
         if not head.startswith(_IMAGE_MAGIC):
             raise Invalid(f"{Path(s.image).name} is not a JPEG or PNG image")
+    manifest = build_manifest(data, seed=0)
+    if settings is not None:
+        check_trainable(counts, manifest.parts, settings)
     if upload_dir is not None and settings is not None:
         _reencode(root, data, settings, upload_dir)
-    manifest = build_manifest(data, seed=0)
     return {
         "layout": "ham10000" if (root / "labels.csv").is_file() else "class_folders",
         "classes": list(data.classes),
@@ -138,6 +140,34 @@ def _describe(
         "has_masks": all(s.mask for s in data.samples),
         "manifest": manifest,
     }
+
+
+def check_trainable(
+    counts: dict[str, int], parts: dict[str, list[str]], settings: Settings
+) -> None:
+    """Refuse (``Invalid``) a dataset a training job could not use: fewer images than the
+    settable minimums, or a split (train, val, test, lesion-grouped) with an empty part."""
+    found = ", ".join(f"{c} {n}" for c, n in sorted(counts.items()) if n)
+    total = sum(counts.values())
+    if total < settings.min_dataset_images:
+        raise Invalid(
+            f"too few images to train on: {total} ({found}); a dataset needs at least "
+            f"{settings.min_dataset_images} (DPAAT_MIN_DATASET_IMAGES): add images"
+        )
+    small = {c: n for c, n in counts.items() if 0 < n < settings.min_images_per_class}
+    if small:
+        raise Invalid(
+            f"too few images in class(es) {', '.join(sorted(small))} ({found}); each class "
+            f"needs at least {settings.min_images_per_class} (DPAAT_MIN_IMAGES_PER_CLASS): add "
+            "images to these classes or remove them"
+        )
+    empty = [p for p in ("train", "val", "test") if not parts.get(p)]
+    if empty:
+        sizes = ", ".join(f"{p} {len(parts.get(p, []))}" for p in ("train", "val", "test"))
+        raise Invalid(
+            f"the split of this dataset leaves {' and '.join(empty)} empty ({sizes} images; "
+            "images of one lesion stay in one part): add images of more lesions"
+        )
 
 
 def _relative(error: Exception, root: Path) -> str:
@@ -258,7 +288,7 @@ def register_directory(
         raise Invalid("path is not under a data root this server allows (settings.data_roots)")
     if not resolved.is_dir():
         raise Invalid("path is not a directory")
-    described = _describe(resolved)
+    described = _describe(resolved, settings)
     dataset_id = new_id()
     try:
         return _save(

@@ -2,6 +2,9 @@
 then re-encoded so nothing of the original file (EXIF, ICC, text chunks, trailing data) goes
 further.
 
+Every mode Pillow decodes becomes 8-bit pixels the same way (``to_8bit``): 16-bit and float
+grayscale scaled, alpha composited over white, CMYK and palettes converted.
+
 Two uses: an image for prediction becomes an RGB PNG in memory (``sanitize_image``); an image or
 mask of an uploaded dataset is rewritten in place in its own format (``reencode_file``: PNG
 losslessly, JPEG with the original quantization tables and subsampling, so pixels are kept).
@@ -14,6 +17,7 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from app.services.errors import Invalid, TooLarge, UnsupportedMedia
@@ -25,8 +29,6 @@ MIN_SIDE = 8
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Bytes an encoder may leave after the end marker (padding); anything else is hidden content.
 _PADDING = b"\x00\xff\r\n\t "
-# Modes stored as they are; any other mode (CMYK, P, RGBA, I;16...) is converted to RGB.
-_KEPT_MODES = {"RGB", "L", "1"}
 
 
 def enforce_pixel_limit(max_pixels: int) -> None:
@@ -132,9 +134,53 @@ def _decode(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str, dict[str
     return upright, fmt, options
 
 
+_GRAY_HIGH_DEPTH = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+
+
+def _scaled_gray(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image as 8-bit ``L``, scaled (not clipped).
+
+    Integers within 0..65535 (a 16-bit PNG, whatever mode Pillow gives it) map linearly from
+    the 16-bit range (v * 255 / 65535, rounded: black stays black, white stays white); floats
+    within 0..1 map from the unit range. Anything else (negative or larger values) is stretched
+    from its own minimum and maximum."""
+    values = np.asarray(im, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if im.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif im.mode != "F" and low >= 0.0 and high <= 65535.0:
+        scaled = values * (255.0 / 65535.0)
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Pixels of any mode Pillow decodes as 8-bit ``L`` (grayscale modes), ``1`` (bilevel) or
+    ``RGB`` (everything else). High-depth grayscale is scaled (``_scaled_gray``); an alpha
+    channel (LA, PA, RGBA, a palette with transparency) is composited over white, as a viewer
+    shows it; CMYK, YCbCr, LAB, HSV and palettes use Pillow's conversions."""
+    if im.mode in ("1", "L", "RGB"):
+        return im
+    if im.mode in _GRAY_HIGH_DEPTH:
+        return _scaled_gray(im)
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB (see ``to_8bit``): what prediction and training see."""
+    return to_8bit(im).convert("RGB")
+
+
 def _clean(im: Image.Image) -> Image.Image:
-    """A copy holding only pixels (no info dictionary: EXIF, ICC, text are not carried)."""
-    pixels = im if im.mode in _KEPT_MODES else im.convert("RGB")
+    """A copy holding only pixels in 8 bits (no info dictionary: EXIF, ICC, text are not
+    carried); grayscale and bilevel stay so, everything else becomes RGB."""
+    pixels = to_8bit(im)
     clean = Image.new(pixels.mode, pixels.size)
     clean.paste(pixels)
     return clean
@@ -148,7 +194,7 @@ def sanitize_image(data: bytes, *, max_bytes: int, max_pixels: int) -> bytes:
     out = io.BytesIO()
     # Lossless at any level; level 1 costs a quarter of the default's CPU (6 ms less on a
     # 600x450 photograph) and the bytes only travel to the prediction worker.
-    _clean(im.convert("RGB")).save(out, format="PNG", compress_level=1)
+    _clean(to_rgb8(im)).save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 

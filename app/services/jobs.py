@@ -330,6 +330,7 @@ def reap(
     now: datetime | None = None,
     max_retries: int,
     stale_queued_seconds: float,
+    confirm_seconds: float = 0.0,
 ) -> list[tuple[str, str]]:
     """Recover jobs whose worker died or whose message was lost; returns ``(job_id, kind)`` of
     every job the caller must send to the queue again.
@@ -337,18 +338,42 @@ def reap(
     - running with an expired lease: back to queued with ``retries + 1`` (the new worker resumes
       from the last checkpoint), or failed once ``retries`` reached ``max_retries``;
     - cancel_requested with an expired lease: cancelled (nobody is left to stop);
+    - with ``confirm_seconds`` > 0, an expired lease is first only marked (``progress.lost_worker``
+      with ``suspected``: the job shows it at once) and extended by ``confirm_seconds``; it is
+      re-queued when it expires again with no heartbeat in between (a heartbeat renews the lease
+      and the worker's next progress write clears the mark). ``progress.lost_worker`` keeps the
+      worker, when its lease expired, when that was noticed and when the job was re-queued;
     - queued and not sent for ``stale_queued_seconds``: sent again (its ``enqueued_at`` is reset so
       the next reap does not resend it at once).
     """
     now = now or utcnow()
     resend: list[tuple[str, str]] = []
     expired = session.execute(
-        select(Job.id, Job.kind, Job.status, Job.retries, Job.lease_expires_at).where(
-            Job.status.in_([s.value for s in _HELD]), Job.lease_expires_at < now
-        )
-    ).all()
-    for job_id, kind, status, retries, lease in expired:
+        select(
+            Job.id, Job.kind, Job.status, Job.retries, Job.lease_expires_at, Job.worker_id,
+            Job.progress,
+        ).where(Job.status.in_([s.value for s in _HELD]), Job.lease_expires_at < now)
+    ).all()  # fmt: skip
+    for job_id, kind, status, retries, lease, worker, progress in expired:
         same_lease = (Job.lease_expires_at == lease,)  # a heartbeat in between wins
+        lost = {"worker": worker, "lease_expired_at": _iso(lease), "noticed_at": _iso(now)}
+        suspected = bool(((progress or {}).get("lost_worker") or {}).get("suspected"))
+        if confirm_seconds > 0 and not suspected:
+            # First sight: show it on the job at once, and give the worker one more chance to
+            # beat. A database outage stops every heartbeat, and a live worker beats again
+            # within a heartbeat of the database coming back; a dead one stays silent.
+            _update(
+                session,
+                job_id,
+                [status],
+                lease_expires_at=now + timedelta(seconds=confirm_seconds),
+                progress={**(progress or {}), "lost_worker": {**lost, "suspected": True}},
+                where=same_lease,
+            )
+            continue
+        if suspected:  # keep when it was first noticed
+            lost = {**progress["lost_worker"]}
+        lost = {**lost, "suspected": False, "requeued_at": _iso(now)}
         if status == JobStatus.cancel_requested:
             _update(
                 session,
@@ -382,6 +407,7 @@ def reap(
             worker_id=None,
             lease_expires_at=None,
             enqueued_at=now,
+            progress={**(progress or {}), "lost_worker": lost},
             where=same_lease,
         ):
             resend.append((job_id, kind))
@@ -401,6 +427,10 @@ def reap(
         ):
             resend.append((job_id, kind))
     return resend
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def is_final(status: str) -> bool:

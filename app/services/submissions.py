@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import Job
 from app.services import datasets, job_params, jobs, models_registry, quotas
-from app.services.errors import Invalid
+from app.services.errors import Conflict, Invalid
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,16 @@ def submit_evaluate(
     if model.weights_format != "checkpoint" and not params.get("dataset_id"):
         # an uploaded model records no training data to fall back on
         raise Invalid("evaluating an uploaded model needs a dataset_id")
+    if (
+        not params.get("dataset_id")
+        and model.dataset_id is None
+        and _trained_on_a_dataset(session, model.job_id)
+    ):
+        # Refused now rather than failing in the worker (issue 14): the data is gone.
+        raise Conflict(
+            f"the dataset model {model.id} was trained on has been deleted; "
+            "name a dataset_id to evaluate it on"
+        )
     if params.get("dataset_id"):
         ds = datasets.get_dataset(session, params["dataset_id"], owner)
         if list(ds.classes) != list(model.classes):
@@ -93,6 +103,13 @@ def submit_evaluate(
                 f"the dataset's classes {ds.classes} differ from the model's {model.classes}"
             )
     return _submit(session, dispatcher, "evaluate", owner, params, idempotency_key, max_active_jobs)
+
+
+def _trained_on_a_dataset(session: Session, job_id: str | None) -> bool:
+    """Whether the training job of a model named a dataset (else it trained on generated data,
+    which its checkpoint can regenerate)."""
+    job = session.get(Job, job_id) if job_id else None
+    return job is not None and bool((job.params or {}).get("dataset_id"))
 
 
 def _replayed(

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from app.services import jobs
+from app.services import jobs, workers
 
 router = APIRouter(tags=["health"])
 
@@ -42,6 +42,21 @@ def _check_broker(url: str | None) -> str:
         return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+def _check_workers(settings: Any) -> tuple[dict[str, Any], bool]:
+    """Live workers per queue (full stack), and whether every required queue has one."""
+    required = [q.strip() for q in settings.required_queues.split(",") if q.strip()]
+    try:
+        counts = workers.live_workers_per_queue()
+    except Exception as e:
+        error = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return {"error": error}, not required
+    report: dict[str, Any] = {q: counts.get(q, 0) for q in sorted({*counts, *required})}
+    missing = [q for q in required if not counts.get(q)]
+    if missing:
+        report["error"] = f"error: no live worker for required queue(s) {', '.join(missing)}"
+    return report, not missing
+
+
 @router.get(
     "/health/ready",
     summary="The service can take requests",
@@ -49,14 +64,21 @@ def _check_broker(url: str | None) -> str:
 )
 async def ready(request: Request) -> JSONResponse:
     """200 when the database (and the broker, when one is configured) answer; 503 otherwise,
-    with the failing part named."""
+    with the failing part named. With a broker, ``workers`` gives the live workers per queue;
+    a queue named in ``DPAAT_REQUIRED_QUEUES`` without one makes it 503."""
     checks: dict[str, Any] = {
         "database": await run_in_threadpool(_check_database, request),
         "broker": await run_in_threadpool(_check_broker, request.app.state.settings.broker_url),
     }
     ok = all(not str(v).startswith("error") for v in checks.values())
+    settings = request.app.state.settings
+    body: dict[str, Any] = {"status": "", "checks": checks}
+    if settings.broker_url and checks["broker"] == "ok":
+        body["workers"], workers_ok = await run_in_threadpool(_check_workers, settings)
+        ok = ok and workers_ok
+    body["status"] = "ready" if ok else "unavailable"
     return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
+        body,
         status_code=200 if ok else 503,
     )
 

@@ -6,6 +6,7 @@ Images are size-checked, decoded and re-encoded here; the torch work is the work
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
@@ -17,7 +18,7 @@ from app.core.settings import Settings
 from app.schemas.common import error_responses
 from app.schemas.predict import BatchPredictionOut, Prediction, PredictionOut
 from app.services import images, prediction
-from app.services.errors import TooLarge
+from app.services.errors import ServiceError, TooLarge
 
 router = APIRouter(prefix=f"{API_PREFIX}/models", tags=["predict"])
 
@@ -52,6 +53,15 @@ async def _read_image(upload: UploadFile, settings: Settings) -> bytes:
     return await run_in_threadpool(
         images.sanitize_image, data, max_bytes=limit, max_pixels=settings.max_image_pixels
     )
+
+
+async def _named_image(index: int, upload: UploadFile, settings: Settings) -> bytes:
+    """``_read_image`` whose error names the image of a batch: its index and file name."""
+    try:
+        return await _read_image(upload, settings)
+    except ServiceError as e:
+        name = PurePath((upload.filename or "").replace("\\", "/")).name[:100]
+        raise type(e)(f"image {index} ({name or 'no file name'}): {e.message}") from e
 
 
 async def _predict(
@@ -117,6 +127,6 @@ async def predict_batch(
         raise TooLarge(f"at most {settings.max_batch_images} images per request")
     params = prediction.predict_params(settings, cap=cap, steps=steps, eps=eps, gradcam=gradcam)
     spec = await run_in_threadpool(prediction.model_spec, session, model_id, owner)
-    data = [await _read_image(f, settings) for f in files]
+    data = [await _named_image(i, f, settings) for i, f in enumerate(files)]
     predictions = await _predict(service, spec, data, params)
     return BatchPredictionOut(model_id=spec.id, predictions=predictions)
