@@ -112,6 +112,23 @@ def test_celery_configuration(monkeypatch: pytest.MonkeyPatch, settings: Setting
     assert set(celery_app.tasks) >= {TRAIN_TASK, EVALUATE_TASK, REAP_TASK}
 
 
+def test_switching_brokers_back_and_forth_still_sends(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """A process that reconfigures Celery for another broker and back (the tests, a reload) must
+    not pick up the pool it closed: kombu keeps pools in a global registry by broker."""
+    memory = celery_app.conf.broker_url
+    celery_app.send_task(REAP_TASK)  # a pool for the in-memory broker now exists
+    monkeypatch.setenv("DPAAT_BROKER_URL", "memory://elsewhere")
+    configure(celery_app, Settings())
+    celery_app.send_task(REAP_TASK)
+    monkeypatch.delenv("DPAAT_BROKER_URL")
+    configure(celery_app, settings)
+    assert celery_app.conf.broker_url == memory
+    celery_app.send_task(REAP_TASK)  # raised "Acquire on closed pool" before the fix
+    assert celery_app.control.purge() >= 1
+
+
 def test_worker_parent_never_imports_torch() -> None:
     """The prefork parent imports the task modules; torch (and CUDA) belong to the children."""
     code = "import sys, worker.tasks, app.services.dispatch; print('torch' in sys.modules)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kombu.pools
 from celery import Celery
 
 from app.core.settings import Settings, get_settings
@@ -87,10 +88,10 @@ def configure(app: Celery, settings: Settings) -> None:
     config = celery_config(settings)
     if app.conf.broker_url != config["broker_url"]:
         # Connections already pooled point at the old broker: drop them (Celery does the same
-        # after a fork), so the next send opens one to the new broker.
-        pool = getattr(app, "_pool", None)
-        if pool is not None:
-            pool.force_close_all()
+        # after a fork), so the next send opens one to the new broker. kombu keeps its pools in
+        # a global registry keyed by broker: reset it too, or switching back to a broker used
+        # before picks up its closed pool ("Acquire on closed pool") and every send fails.
+        kombu.pools.reset()
         app._after_fork()
     app.conf.update(config)
 

@@ -40,6 +40,10 @@ class EmbeddedRuntime:
 
         hooks.SHUTDOWN.clear()
         configure(celery_app, self.settings)
+        # The database is the source of truth and every queued job is re-sent below: messages an
+        # earlier runtime of this process left on the in-memory transport (another database, in
+        # tests) are dropped first, or the one solo worker would work through them before ours.
+        celery_app.control.purge()
         queues = [self.settings.train_queue, self.settings.evaluate_queue, DEFAULT_QUEUE]
         self._worker = WorkController(
             app=celery_app,
