@@ -375,6 +375,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/models"): "list",
     ("GET", "/models/{model_id}"): "foreign",
     ("GET", "/models/{model_id}/weights"): "foreign",
+    ("GET", "/models/{model_id}/export"): "foreign",
     ("GET", "/models/{model_id}/report"): "foreign",
     ("GET", "/models/{model_id}/figures/{name}.png"): "foreign",
     ("POST", "/models/{model_id}/predict"): "foreign",
