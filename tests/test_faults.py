@@ -261,6 +261,7 @@ def test_hostile_corpus_over_real_http(
     """The corpus of test_hostile_uploads through uvicorn, Postgres and the worker's store
     (cases whose message names the in-process limits are covered there)."""
     stack = faults[0]
+    usage = _stored(stack)[0]["upload_usage"]
     r = stack.http.post(
         stack.url("/models"),
         files={
@@ -270,6 +271,9 @@ def test_hostile_corpus_over_real_http(
     )
     assert r.status_code == 201, r.text
     model_id = r.json()["id"]
+    # an accepted upload's quota row is written after its response has gone out: wait for it,
+    # or it lands inside the "nothing stored" comparison below (seen under load in CI)
+    wait_for(lambda: _stored(stack)[0]["upload_usage"] == usage + 1, 30, "the upload's quota row")
     Marker.path = tmp_path / "PWNED"
     before = _stored(stack)
     refused = 0
