@@ -373,3 +373,13 @@ def test_leaderboard_ranks_comparable_reports_by_robust_balanced_accuracy(
     page = _signed_in(env).client.get(f"/ui/leaderboard?dataset={main}&eps=1").text
     assert page.index(">robust<") < page.index(">tie-low<") < page.index(">accurate<")
     assert "not-mine" not in page and "elsewhere" not in page
+
+
+def test_model_page_shows_the_reports_own_intervals() -> None:
+    """The page prints the interval the evaluation computed, not one of its own; an old report
+    without intervals shows the value alone."""
+    from app.ui.templating import interval
+
+    section = {"accuracy": 0.43, "intervals": {"accuracy": {"n": 300, "low": 0.374, "high": 0.487}}}
+    assert interval(section, "accuracy") == "[0.374, 0.487]"
+    assert interval(section, "map") == "" and interval({"accuracy": 0.4}, "accuracy") == ""

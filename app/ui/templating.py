@@ -3,7 +3,6 @@ template says otherwise, and none does)."""
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,13 @@ def pct(value: Any) -> str:
     return f"{100 * value:.0f}%" if isinstance(value, int | float) else "–"
 
 
-def wilson(p: Any, n: Any, z: float = 1.96) -> str:
-    """The Wilson score interval (95%) of a proportion ``p`` measured on ``n`` images: how far a
-    test-set accuracy can be trusted, shown next to it."""
-    if not isinstance(p, int | float) or not isinstance(n, int) or n <= 0:
+def interval(section: Any, key: str) -> str:
+    """``[low, high]``: the 95 % interval the report holds for ``key`` (computed once, by the
+    evaluation); empty for reports made before intervals existed."""
+    iv = ((section or {}).get("intervals") or {}).get(key) or {}
+    if iv.get("low") is None or iv.get("high") is None:
         return ""
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return f"[{max(0.0, centre - half):.3f}, {min(1.0, centre + half):.3f}]"
+    return f"[{iv['low']:.3f}, {iv['high']:.3f}]"
 
 
-templates.env.filters.update(num=num, when=when, pct=pct, wilson=wilson)
+templates.env.filters.update(num=num, when=when, pct=pct, interval=interval)
