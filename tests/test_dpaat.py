@@ -206,14 +206,81 @@ def test_bisection_finds_the_boundary_fraction() -> None:
         assert bool((ce > tau).all())
 
 
+class Cubic(nn.Module):
+    """Two classes; logit of class 1 = c * u**3 + u with u = Ramp's u: the loss along a segment is
+    far from linear, so the secant's first line misses the crossing."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = 255.0 * (x.flatten(1).sum(1) - 0.5)
+        v = self.c * u**3 + u
+        return torch.stack([torch.zeros_like(v), v], dim=1)
+
+
+@pytest.mark.parametrize("curvature", [0.0, 0.05])
+def test_secant_search_breaks_and_is_as_close_as_five_bisection_steps(curvature: float) -> None:
+    """With exact end losses, two secant probes land within the 1/32 of five bisection steps of
+    the crossing, on the breaking side, whether the loss is linear-ish or strongly curved; and a
+    wrong clean-loss estimate only costs accuracy, never the guarantee that x + s p breaks."""
+    model = Cubic(curvature).eval()
+    tau = 0.5
+    y = torch.zeros(64, dtype=torch.long)
+    u0 = -torch.linspace(0.5, 3.0, 64)  # clean points, all below the crossing
+    x = (0.5 + u0 / 255.0).unsqueeze(1)
+    p = torch.full((64, 1), 4.0 / 255.0)
+    fine = dpaat.boundary_fraction(model, x, p, y, dpaat.loss_above(tau), 30)  # the truth
+
+    def ce(z: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(z), y, reduction="none")
+
+    start, end = ce(x), ce(x + p)
+    assert bool((end > tau).all()) and bool((start < tau).all())
+    s = dpaat.boundary_fraction_secant(model, x, p, y, tau, 2, start, end)
+    assert bool((ce(x + s.unsqueeze(1) * p) > tau).all()), "the fraction must still break"
+    assert bool((s >= fine - 1e-6).all())
+    assert float((s - fine).median()) <= 1 / 32, (s - fine).median()
+    # a wrong estimate of the clean loss (too high: a negative root) still returns a breaking s
+    wrong = dpaat.boundary_fraction_secant(model, x, p, y, tau, 2, start + 1.0, end)
+    assert bool((ce(x + wrong.unsqueeze(1) * p) > tau).all())
+
+
+def test_secant_search_is_refused_where_there_is_no_loss_criterion() -> None:
+    with pytest.raises(ValueError, match="boundary_search 'secant' needs a loss criterion"):
+        TrainConfig(method="iaat_flip", boundary_search="secant").validate()
+    with pytest.raises(ValueError, match="boundary_search must be one of"):
+        TrainConfig(boundary_search="newton").validate()
+
+
+def test_secant_search_shrinks_like_the_bisection_in_the_batch_step() -> None:
+    """The batch step with boundary_search = "secant": B (breakable within its radius) shrinks
+    half-way to the same boundary as with the bisection, within the bisection's resolution, and
+    uses 2 probes instead of 5."""
+    tau = 0.5
+    results = {}
+    for search, probes in (("bisection", 5), ("secant", 2)):
+        method = adaptive(n=4, boundary_search=search, bisection_steps=probes)
+        method.state.eps[:] = 4.0
+        method.state.tau = tau
+        x, y = ramp_batch()
+        model = ModeRecorder().train()
+        method.batch(model, x, y, torch.arange(4), torch.Generator().manual_seed(0))
+        assert model.calls.count((False, False)) == 10 + 1 + probes
+        results[search] = method.state.eps[1].item()
+    d_b = math.log(math.exp(tau) - 1) + 2.0
+    assert d_b / 2 + 2.0 <= results["secant"] <= (d_b + 4.0 / 32) / 2 + 2.0
+    assert results["secant"] == pytest.approx(results["bisection"], abs=4.0 / 64)
+
+
 # --------------------------------------------------------------------------- the batch step
 def adaptive(
     method: str = "dpaat", beta: float = 0.5, n: int = 4, tau: float | None = None, **extra: Any
 ) -> DPAAT:
     """A per-sample-radius method (eps_max 8, delta 1, PGD-10, B = 5) for a 2-class problem."""
-    cfg = TrainConfig(
-        method=method, beta=beta, eps_max=8.0, delta=1.0, pgd_steps=10, bisection_steps=5, **extra
-    )
+    settings: dict[str, Any] = {"eps_max": 8.0, "delta": 1.0, "pgd_steps": 10, "bisection_steps": 5}
+    cfg = TrainConfig(method=method, beta=beta, **{**settings, **extra})
     m = make_method(cfg, num_train=n, num_classes=2, tau=tau)
     assert isinstance(m, DPAAT)
     return m

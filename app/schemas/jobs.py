@@ -63,7 +63,12 @@ class TrainHyperParams(BaseModel):
         default=None, gt=0, le=EPS_LIMIT, description="Radius step; null = eps_max / 8."
     )
     pgd_steps: int = Field(default=10, ge=1, le=200)
-    bisection_steps: int = Field(default=5, ge=1, le=30)
+    bisection_steps: int = Field(default=5, ge=1, le=30, description="Boundary search probes.")
+    boundary_search: Literal["bisection", "secant"] = Field(
+        default="bisection",
+        description="DPAAT's boundary estimate: the spec's bisection, or regula falsi from the "
+        "known end losses (fewer probes; dpaat and amat_external only).",
+    )
     beta: float = Field(default=0.5, ge=0, le=1, description="Weight of the adversarial loss.")
     z: float = Field(default=2.0, ge=0, le=10, description="Robust z-score of the criterion tau.")
     tau_momentum: float = Field(default=0.0, ge=0, lt=1)
@@ -101,6 +106,10 @@ class TrainHyperParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainHyperParams:
+        if self.boundary_search == "secant" and self.method not in ("dpaat", "amat_external"):
+            raise ValueError(
+                "boundary_search 'secant' needs a loss criterion (method dpaat or amat_external)"
+            )
         if self.best_by.startswith("robust") and self.robust_val_eps == 0:
             raise ValueError(f"best_by {self.best_by!r} needs robust_val_eps > 0")
         if self.eps_min > self.eps_max:

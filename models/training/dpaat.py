@@ -147,6 +147,7 @@ class FirstBreak:
         self.x, self.y, self.criterion = x, y, criterion
         self.broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         self.first = torch.zeros_like(x)
+        self.first_loss = torch.zeros(len(x), device=x.device)  # the loss at ``first``
         self.last_logits: torch.Tensor | None = None
 
     def __call__(
@@ -155,6 +156,7 @@ class FirstBreak:
         hit = self.criterion(loss, logits, self.y) & ~self.broken
         # torch.where instead of boolean indexing: no host synchronisation inside the attack loop
         self.first = torch.where(view(hit, self.x), x_adv - self.x, self.first)
+        self.first_loss = torch.where(hit, loss.detach().to(self.first_loss.dtype), self.first_loss)
         self.broken |= hit
         self.last_logits = logits
 
@@ -184,6 +186,58 @@ def boundary_fraction(
         hi = torch.where(hit, mid, hi)
         lo = torch.where(hit, lo, mid)
     return hi
+
+
+@torch.no_grad()
+def boundary_fraction_secant(
+    model: nn.Module,
+    x: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    tau: float,
+    steps: int,
+    loss_start: torch.Tensor,
+    loss_end: torch.Tensor,
+) -> torch.Tensor:
+    """A cheaper :func:`boundary_fraction` for the loss criterion ``CE > tau`` (option
+    ``boundary_search = "secant"``; the spec's bisection stays the default, docs/decisions/
+    training.md): ``steps`` forward probes of regula falsi on f(s) = g(CE(x + s p)) - g(tau),
+    g(L) = log(e^L - 1), instead of
+    bisection's halving, starting from the losses already known at both ends: ``loss_end`` at
+    x + p (the attack's observer) and ``loss_start``, an estimate of the clean loss (the training
+    forward's). Each probe sits 1/32 of the bracket (the resolution of 5 bisection steps) past
+    where the line through the bracket's ends crosses tau, so that an accurate line makes the probe
+    the new upper end, and at least 1/32 of the bracket from either end. Only the probes decide:
+    like the bisection it returns the upper end of the final bracket, a fraction at which x + s p
+    does meet the criterion. The caller puts the model in eval mode.
+    """
+    x, p = fast_layout(x, model), fast_layout(p, model)
+    lo = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+    hi = torch.ones_like(lo)
+
+    def f(loss: torch.Tensor) -> torch.Tensor:
+        # log(e^L - 1) is the log-sum-exp of the other classes' logit margins over the label's:
+        # nearly linear along a short segment where the CE itself is convex (the chord of a convex
+        # function always lands short of the crossing), with the same crossing as L - tau
+        return _log_expm1(loss.to(lo.dtype)) - _log_expm1(torch.tensor(tau, dtype=lo.dtype))
+
+    f_lo, f_hi = f(loss_start), f(loss_end)
+    for _ in range(steps):
+        # f_hi > 0 >= f_lo normally; an estimated f_lo > 0 gives a negative root -> 1/32
+        root = -f_lo / (f_hi - f_lo).clamp_min(1e-12)
+        frac = (root + 1 / 32).clamp(1 / 32, 31 / 32)
+        mid = lo + frac * (hi - lo)
+        loss = per_sample_ce(model((x + view(mid, x) * p).clamp(0.0, 1.0)), y)
+        hit, f_mid = loss > tau, f(loss)
+        hi, f_hi = torch.where(hit, mid, hi), torch.where(hit, f_mid, f_hi)
+        lo, f_lo = torch.where(hit, lo, mid), torch.where(hit, f_lo, f_mid)
+    return hi
+
+
+def _log_expm1(v: torch.Tensor) -> torch.Tensor:
+    """log(e^v - 1) for v >= 0, finite at 0 and stable for large v."""
+    v = v.clamp_min(1e-12)
+    return torch.where(v > 20, v, torch.log(torch.expm1(v.clamp_max(20))))
 
 
 def scatter_first(target: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:

@@ -272,7 +272,7 @@ class DPAAT(Method):
         # BatchNorm running statistics, so the bisection runs on the attack's buffers (spec, rule
         # 1: it must see exactly the function the attack saw, else x + p may no longer break).
         with attack_mode(model), buffers_restored(attacked):
-            dist = self.distance(model, x, y, broken & ok, observer.first, criterion)
+            dist = self.distance(model, x, y, broken & ok, observer, per_sample_ce(clean, y))
         self.state.record_batch(broken, per_sample_ce(clean, y)[ok] if self.updates_tau else None)
         if self.updates_tau and cfg.tau_update == "batch" and self.state.tau is not None:
             # the epoch's estimate so far, from the tau the epoch started with: after the last
@@ -290,18 +290,26 @@ class DPAAT(Method):
         x: torch.Tensor,
         y: torch.Tensor,
         which: torch.Tensor,
-        first: torch.Tensor,
-        criterion: dpaat.Criterion,
+        observer: dpaat.FirstBreak,
+        clean_loss: torch.Tensor,
     ) -> torch.Tensor:
         """d[i] = s[i] * ||p[i]||_inf (1/255 units) for the samples in the mask ``which``, 0
-        elsewhere; ``first`` holds p, the first breaking iterate's perturbation."""
+        elsewhere; p is the first breaking iterate's perturbation (``observer.first``), and s comes
+        from the bisection (the spec) or, with ``boundary_search = "secant"``, from regula falsi
+        started at ``clean_loss`` and the loss the observer saw at x + p."""
         dist = torch.zeros(len(x), device=x.device)
         rows = which.nonzero().squeeze(1)
         if len(rows) == 0:
             return dist
-        p = first[rows]
-        steps = self.cfg.bisection_steps
-        s = dpaat.boundary_fraction(model, x[rows], p, y[rows], criterion, steps)
+        p, steps = observer.first[rows], self.cfg.bisection_steps
+        if self.cfg.boundary_search == "secant":
+            assert self.state.tau is not None
+            s = dpaat.boundary_fraction_secant(
+                model, x[rows], p, y[rows], self.state.tau, steps,
+                clean_loss[rows], observer.first_loss[rows],
+            )  # fmt: skip
+        else:
+            s = dpaat.boundary_fraction(model, x[rows], p, y[rows], observer.criterion, steps)
         dist[rows] = (s * p.flatten(1).abs().amax(1) * 255.0).float()
         return dist
 
@@ -394,8 +402,8 @@ class IAATFlip(DPAAT):
         x: torch.Tensor,
         y: torch.Tensor,
         which: torch.Tensor,
-        first: torch.Tensor,
-        criterion: dpaat.Criterion,
+        observer: dpaat.FirstBreak,
+        clean_loss: torch.Tensor,
     ) -> torch.Tensor:
         return torch.zeros(len(x), device=x.device)  # the flip rule needs no distance
 
