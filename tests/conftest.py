@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_support import S3Server, moto_server
 
 from models.data import default_data_root
 
@@ -58,3 +60,14 @@ def redis_url() -> str:
     if not _reachable("127.0.0.1", 6379):
         _require("DPAAT_REQUIRE_FULLSTACK", "Redis not reachable on 127.0.0.1:6379")
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 API server process on loopback (moto's standalone server, issue 15)."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        _require("DPAAT_REQUIRE_FULLSTACK", "moto[server] is not installed (pip install '.[test]')")
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server

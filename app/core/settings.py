@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/dpaat.db"
@@ -50,6 +50,36 @@ class Settings(BaseSettings):
         default=Path("./var/artifacts"),
         validation_alias=AliasChoices("DPAAT_ARTIFACT_DIR", "DPAAT_RESULT_DIR"),
     )
+    # Issue 15: artifacts in S3-compatible object storage (docs/deployment.md). Unset: the
+    # directory above. "s3://bucket/prefix": every artifact goes to the bucket; the processes then
+    # share no filesystem. The endpoint (MinIO, Ceph...) and credentials also come from the standard
+    # AWS names; left unset, boto3's own chain applies (~/.aws, an instance role).
+    artifacts: str | None = Field(
+        default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\\]*)?$"
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "DPAAT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+        ),
+    )
+    s3_region: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DPAAT_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DPAAT_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DPAAT_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    )
+    # The local read cache of each process on object storage (keyed by sha256, LRU beyond the
+    # bound) and the local scratch folder where jobs work; neither is shared between hosts.
+    cache_dir: Path = Path("./var/cache")
+    cache_max_mb: int = Field(default=20480, gt=0)
+    scratch_dir: Path = Path("./var/scratch")
     # Server directories an admin allows clients to register as datasets (nothing outside them).
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=default_data_roots)
     # ImageNet weights an admin placed for `pretrained: "imagenet"` (<dir>/<arch>.safetensors,
@@ -141,9 +171,20 @@ class Settings(BaseSettings):
     def _refuse_unsafe_production(self) -> Settings:
         # Outside development the artifact store must be an explicit, absolute location: a
         # relative default silently depends on the working directory of each process.
-        if self.environment == "production" and not self.artifact_dir.is_absolute():
-            raise ValueError("DPAAT_ARTIFACT_DIR must be an absolute path in production")
+        if self.environment == "production":
+            if self.object_storage:
+                relative = [n for n in ("cache_dir", "scratch_dir") if not getattr(self, n).is_absolute()]
+                if relative:
+                    names = ", ".join(f"DPAAT_{n.upper()}" for n in relative)
+                    raise ValueError(f"{names} must be absolute paths in production")
+            elif not self.artifact_dir.is_absolute():
+                raise ValueError("DPAAT_ARTIFACT_DIR must be an absolute path in production")
         return self
+
+    @property
+    def object_storage(self) -> bool:
+        """Artifacts in S3-compatible object storage (``DPAAT_ARTIFACTS=s3://...``)."""
+        return bool(self.artifacts)
 
     @property
     def full_stack(self) -> bool:
