@@ -20,7 +20,7 @@ from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import ErrorOut
 from app.services import images
 from app.services.prediction import PredictionService
-from app.services.storage import ArtifactStore
+from app.services.storage import open_store
 from app.services.submissions import Dispatcher
 from app.ui import UI_PREFIX
 from app.ui import install as ui
@@ -127,7 +127,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.store = ArtifactStore(settings.artifact_dir)
+    app.state.store = open_store(settings)  # a directory, or S3 (issue 15)
     app.state.dispatcher = dispatcher or _default_dispatcher
     app.state.metrics = Metrics()
     # Predictions: on the workers, or in this process without a broker (issue 12).

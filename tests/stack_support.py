@@ -81,6 +81,7 @@ class Stack:
     worker: subprocess.Popen[bytes] | None = None
     worker_log: Path | None = None
     workers_started: int = 0
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # every one started
     # `dpaat worker --queues <predict queue>` processes (issue 12), oldest first.
     predict_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     predict_workers_started: int = 0
@@ -92,14 +93,16 @@ class Stack:
     root: Path = ROOT  # the checkout whose code the processes run
 
     # -------------------------------------------------------------- processes
-    def _spawn(self, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def _spawn(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
             # Own process group: SIGKILL reaches the prefork children too, like a dead machine.
             proc = subprocess.Popen(
                 dpaat_command(*args),
                 cwd=self.root,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -119,7 +122,11 @@ class Stack:
 
         wait_for(ready, 90, "the API", every=0.3)
 
-    def start_worker(self, concurrency: int = 2) -> None:
+    def start_worker(
+        self, concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A training/evaluation worker with the reaper on beat; ``env`` overrides variables for
+        this process only (another "host": its own cache and scratch folders, issue 15)."""
         self.workers_started += 1
         name = f"worker{self.workers_started}"
         self.worker, self.worker_log = self._spawn(
@@ -130,7 +137,9 @@ class Stack:
             str(concurrency),
             "--hostname",
             f"{name}@fullstack",
+            env=env,
         )
+        self.workers.append(self.worker)
         log = self.worker_log
 
         def ready() -> bool:
@@ -138,8 +147,9 @@ class Stack:
             return " ready." in log.read_text(errors="replace")
 
         wait_for(ready, 90, "the worker", every=0.3)
+        return self.worker
 
-    def start_predict_worker(self) -> subprocess.Popen[bytes]:
+    def start_predict_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """One more prediction worker (threads pool, batching), ready when this returns."""
         self.predict_workers_started += 1
         name = f"predict{self.predict_workers_started}"
@@ -150,6 +160,7 @@ class Stack:
             self.env["DPAAT_PREDICT_QUEUE"],
             "--hostname",
             f"{name}@fullstack",
+            env=env,
         )
         self.predict_workers.append(proc)
 
@@ -175,7 +186,7 @@ class Stack:
         self.worker.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in (*self.predict_workers, self.worker, self.api):
+        for proc in (*self.predict_workers, *self.workers, self.api):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -248,12 +259,13 @@ def running_stack(
     env: dict[str, str] | None = None,
     *,
     predict_workers: int = 1,
+    workers: int = 1,
     root: Path = ROOT,
 ) -> Iterator[Stack]:
-    """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API, one
-    training/evaluation worker and ``predict_workers`` prediction workers; all stopped and dropped
-    afterwards. ``env`` overrides the processes' variables; ``root`` runs the code of another
-    checkout (the benchmark's baseline)."""
+    """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API,
+    ``workers`` training/evaluation workers and ``predict_workers`` prediction workers; all
+    stopped and dropped afterwards. ``env`` overrides the processes' variables; ``root`` runs
+    the code of another checkout (the benchmark's baseline)."""
     tag = uuid.uuid4().hex[:10]
     db_name = f"dpaat_fs_{tag}"
     admin = _admin_conninfo(postgres_url)
@@ -310,7 +322,8 @@ def running_stack(
         s.api_key = s.new_key(s.owner, "admin,read,submit")
         s.http.headers["X-API-Key"] = s.api_key
         s.start_api()
-        s.start_worker()
+        for _ in range(workers):
+            s.start_worker()
         for _ in range(predict_workers):
             s.start_predict_worker()
         yield s

@@ -1,6 +1,7 @@
-"""docker-compose.yml and the Dockerfile checked against the code (no Docker engine needed): the
-services exist, their commands parse with the real ``dpaat`` CLI, and the environment names every
-setting of ``app.core.settings.Settings`` and nothing else."""
+"""docker-compose.yml (+ the single-host override) and the Dockerfile checked against the code (no
+Docker engine needed): the services exist, their commands parse with the real ``dpaat`` CLI, the
+environment names every setting of ``app.core.settings.Settings`` and nothing else, and the
+artifacts live in the MinIO bucket (issue 15) or, with the override, in one shared volume."""
 
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ def compose() -> dict[str, Any]:
     return data
 
 
+@pytest.fixture(scope="module")
+def single_host() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.single-host.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _settings_from(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings as a container with this environment reads them."""
+    known = {name for field in Settings.model_fields for name in _env_names(field)}
+    for name in known:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if value is not None:  # a name without a value stays unset in the container
+            monkeypatch.setenv(name, str(_interpolate(value)))
+    return Settings()
+
+
 def _env_names(field: str) -> set[str]:
     """The environment variables a Settings field is read from."""
     info = Settings.model_fields[field]
@@ -51,7 +70,7 @@ def _command(service: dict[str, Any]) -> list[str]:
 
 
 def test_every_service_is_defined(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) >= {"postgres", "redis", *DPAAT_SERVICES}
+    assert set(compose["services"]) >= {"postgres", "redis", "minio", "minio-init", *DPAAT_SERVICES}
 
 
 def test_commands_parse_with_the_real_cli(compose: dict[str, Any]) -> None:
@@ -98,13 +117,7 @@ def test_environment_values_make_a_full_deployment(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = compose["services"]["api"]["environment"]
-    known = {name for field in Settings.model_fields for name in _env_names(field)}
-    for name in known:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        if value is not None:  # a name without a value stays unset in the container
-            monkeypatch.setenv(name, str(_interpolate(value)))
-    settings = Settings()  # read from the environment, as in the container
+    settings = _settings_from(env, monkeypatch)
     assert not settings.embedded
     assert settings.database_url.startswith("postgresql+psycopg://")
     assert "@postgres:5432/" in settings.database_url
@@ -117,12 +130,53 @@ def test_environment_values_make_a_full_deployment(
         assert compose["services"][service]["environment"] == env, service
 
 
-def test_workers_and_api_share_the_artifact_store(compose: dict[str, Any]) -> None:
+def test_artifacts_go_to_the_minio_bucket_and_no_volume_is_shared(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    settings = _settings_from(services["api"]["environment"], monkeypatch)
+    assert settings.object_storage and settings.artifacts == "s3://dpaat/artifacts"
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert settings.s3_access_key_id == _interpolate(
+        services["minio"]["environment"]["MINIO_ROOT_USER"]
+    )
+    secret = settings.s3_secret_access_key
+    assert secret is not None
+    assert secret.get_secret_value() == _interpolate(
+        services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    )
+    assert settings.cache_dir.is_absolute() and settings.scratch_dir.is_absolute()
+    # stateless containers: nothing but the read-only data folder is mounted
+    for service in DPAAT_SERVICES:
+        mounts = [str(v) for v in services[service].get("volumes", [])]
+        assert all(m.endswith(":ro") for m in mounts), (service, mounts)
+    # the one-off creates the bucket the settings name, once MinIO is healthy
+    init = services["minio-init"]
+    assert init["restart"] == "no"
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    script = " ".join(init["command"])
+    assert "mc mb --ignore-existing" in script
+    assert _interpolate(init["environment"]["DPAAT_BUCKET"]) == "dpaat"
+    assert "healthcheck" in services["minio"] and "miniodata" in compose["volumes"]
+
+
+def test_single_host_override_shares_one_artifacts_volume(
+    compose: dict[str, Any], single_host: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    override = single_host["services"]
     target = compose["services"]["api"]["environment"]["DPAAT_ARTIFACT_DIR"]
     for service in DPAAT_SERVICES:
-        mounts = [str(v).split(":") for v in compose["services"][service]["volumes"]]
-        assert ["artifacts", target] in [m[:2] for m in mounts], service
-    assert "artifacts" in compose["volumes"]
+        mounts = [str(v).split(":")[:2] for v in override[service]["volumes"]]
+        assert ["artifacts", target] in mounts, service
+        # compose merges environment maps key by key: the override's value wins
+        env = {**compose["services"][service]["environment"], **override[service]["environment"]}
+        settings = _settings_from(env, monkeypatch)
+        assert not settings.object_storage and settings.artifact_dir == Path(target), service
+    assert override["minio"]["profiles"] and override["minio-init"]["profiles"]
+    assert "artifacts" in single_host["volumes"]
+    for service in set(DPAAT_SERVICES) - {"migrate"}:  # so the disabled one-off may be absent
+        dep = compose["services"][service]["depends_on"]["minio-init"]
+        assert dep == {"condition": "service_completed_successfully", "required": False}
 
 
 def test_start_order(compose: dict[str, Any]) -> None:
@@ -133,6 +187,7 @@ def test_start_order(compose: dict[str, Any]) -> None:
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
+        assert deps["minio-init"]["condition"] == "service_completed_successfully", name
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
 
 

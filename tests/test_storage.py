@@ -192,19 +192,23 @@ def test_cache_is_bounded_lru_and_spares_pinned_entries(tmp_path: Path) -> None:
         sha = hashlib.sha256(data).hexdigest()
         return sha, cache.add_file(sha, src, move=True)
 
+    def present(sha: str) -> bool:  # without touching it (get() would)
+        return (cache.root / sha).is_file()
+
     a, _ = add(b"a" * 1000)
     time.sleep(0.01)
-    with cache.holding():
-        b, _ = add(b"b" * 1000)  # pinned while the block runs (a job reading it)
-        time.sleep(0.01)
-        assert cache.get(a) is not None  # touched: now the most recently used
-        time.sleep(0.01)
-        c, _ = add(b"c" * 1500)  # over the bound: the LRU unpinned entry goes... none is free
-        assert cache.get(b) is not None
+    b, _ = add(b"b" * 1000)
     time.sleep(0.01)
-    d, _ = add(b"d" * 1000)
+    assert cache.get(a) is not None  # touched: b is now the least recently used
+    time.sleep(0.01)
+    with cache.holding():  # a job reading b: pinned until the block ends
+        assert cache.get(b) is not None
+        c, _ = add(b"c" * 1500)  # 3500 > 3000: b is pinned, so a goes
+        assert [present(x) for x in (a, b, c)] == [False, True, True]
+    time.sleep(0.01)
+    d, _ = add(b"d" * 1000)  # b is free again and the least recently used
+    assert [present(x) for x in (b, c, d)] == [False, True, True]
     assert cache.size() <= 3000
-    assert cache.get(d) is not None and cache.get(b) is None  # b was least recently used
 
 
 def test_s3_settings_accept_the_standard_aws_names(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,6 +56,7 @@ class JobHooks(TrainingHooks):
         progress_seconds: float = 1.0,
         base_progress: dict[str, Any] | None = None,
         sessions: SessionFactory = session_scope,
+        after_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
@@ -63,6 +64,9 @@ class JobHooks(TrainingHooks):
         self.heartbeat_seconds = heartbeat_seconds
         self.progress_seconds = min(progress_seconds, heartbeat_seconds)
         self.sessions = sessions
+        # Publishes the epoch's checkpoint to object storage (worker.job_files), before the epoch
+        # is recorded (when publishing fails, a resume redoes the epoch and records it again).
+        self.after_checkpoint = after_checkpoint
         self.status = "running"
         self.progress: dict[str, Any] = dict(base_progress or {})
         self.first_epoch: int | None = None  # the first epoch this run trained (1-based)
@@ -150,7 +154,12 @@ class JobHooks(TrainingHooks):
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         if self.status == jobs.LEASE_LOST:
-            return
+            return  # another worker owns the job now: publish nothing, record nothing
+        if self.after_checkpoint is not None:
+            try:
+                self.after_checkpoint()
+            except Exception as e:  # storage down: the next epoch publishes again
+                log.warning("could not publish epoch %s of job %s: %s", epoch, self.job_id, e)
         self.epochs_this_run += 1
         try:
             with self.sessions() as session:

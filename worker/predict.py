@@ -30,7 +30,7 @@ from typing import Any
 
 from app.services.errors import Invalid, ServiceError, Unavailable
 from app.services.prediction import ModelSpec, PredictParams, bucket_of, stats_key
-from app.services.storage import ArtifactStore
+from app.services.storage import ArtifactMissing, ArtifactStore, Storage, open_store
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class ModelCache:
     are more than ``max_models`` or their tensors take more than ``max_bytes`` (the model just
     loaded always stays)."""
 
-    def __init__(self, artifact_dir: Path, max_models: int, max_bytes: int) -> None:
-        self.store = ArtifactStore(artifact_dir)
+    def __init__(self, store: Storage | Path, max_models: int, max_bytes: int) -> None:
+        self.store = ArtifactStore(store) if isinstance(store, Path) else store
         self.max_models = max_models
         self.max_bytes = max_bytes
         self._models: OrderedDict[str, tuple[Any, int]] = OrderedDict()
@@ -81,9 +81,12 @@ class ModelCache:
             import models.api as ml
         except ImportError as e:  # installed without the ML extra
             raise Unavailable(f"prediction is unavailable on this worker: {e}") from e
-        path = self.store.path(spec.weights_uri)
-        if not path.is_file():
-            raise Unavailable(f"the weights of model {spec.id} are missing from the artifact store")
+        try:  # on object storage: from this host's cache, downloaded once
+            path = self.store.local_path(spec.weights_uri, spec.sha256)
+        except ArtifactMissing as e:
+            raise Unavailable(
+                f"the weights of model {spec.id} are missing from the artifact store"
+            ) from e
         info = None
         if spec.weights_format != "checkpoint":  # an uploaded model (safetensors or ONNX)
             info = {
@@ -272,7 +275,7 @@ def process_batcher() -> tuple[Batcher, Any]:
             client = redis.Redis.from_url(settings.broker_url or "")
             batcher = Batcher(
                 ModelCache(
-                    settings.artifact_dir,
+                    open_store(settings),
                     settings.predictor_cache_size,
                     settings.predictor_cache_mb << 20,
                 ),

@@ -24,7 +24,8 @@ from app.db.session import DATABASE_DOWN, session_scope
 from app.db.tables import Artifact, Job, Model
 from app.services import job_params, jobs, models_registry, public_errors
 from app.services.errors import NotFound
-from app.services.storage import ArtifactStore
+from app.services.storage import Storage, open_store
+from worker.job_files import JobFiles
 
 if TYPE_CHECKING:  # worker.hooks imports models (torch): only inside a task, never in the parent
     from worker.hooks import JobHooks
@@ -63,12 +64,13 @@ def _claim(job_id: str, holder: str, settings: Settings) -> Job | None:
     return job
 
 
-def _hooks(job: Job, holder: str, settings: Settings) -> JobHooks:
+def _hooks(job: Job, holder: str, settings: Settings, files: JobFiles | None = None) -> JobHooks:
     from worker.hooks import JobHooks
 
     return JobHooks(
         job.id,
         holder,
+        after_checkpoint=files.save if files is not None else None,
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
         base_progress={
@@ -80,7 +82,7 @@ def _hooks(job: Job, holder: str, settings: Settings) -> JobHooks:
     )
 
 
-def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, Any]:
+def train_config(session: Session, job: Job, store: Storage) -> dict[str, Any]:
     """The ``TrainConfig`` dict of a training job: server paths resolved by the service layer,
     and no server file named by the client (the API forbids these keys; this is the backstop)."""
     config = job_params.train_config(session, job, store)
@@ -91,7 +93,7 @@ def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, 
     return config
 
 
-def _finish_stop(job_id: str, holder: str, reason: str, store: ArtifactStore) -> str:
+def _finish_stop(job_id: str, holder: str, reason: str, store: Storage) -> str:
     """Settle a run that stopped before the end; returns the outcome for logs and tests."""
     if reason == "lease_lost":
         log.warning("job %s: lease lost, abandoning this run without writing", job_id)
@@ -109,13 +111,13 @@ def _finish_stop(job_id: str, holder: str, reason: str, store: ArtifactStore) ->
     return "interrupted"
 
 
-def _record_checkpoint(session: Session, job_id: str, store: ArtifactStore) -> None:
+def _record_checkpoint(session: Session, job_id: str, store: Storage) -> None:
     """Keep a stopped job's checkpoint visible as an artifact (it can be resumed or inspected)."""
     path = job_params.job_dir(store, job_id) / "checkpoint.pt"
     job = session.get(Job, job_id)
     if job is None or not path.is_file():
         return
-    ref = store.ref(path)
+    ref = store.publish(path, f"jobs/{job_id}/checkpoint.pt")
     session.add(
         Artifact(
             owner=job.owner,
@@ -164,13 +166,15 @@ def run_train_job(job_id: str, holder: str, settings: Settings | None = None) ->
     from models import api  # torch: imported before the claim, so the lease starts beating at once
 
     settings = settings or get_settings()
-    store = ArtifactStore(settings.artifact_dir)
+    store = open_store(settings)
     job = _claim(job_id, holder, settings)
     if job is None:
         return "skipped"
     out_dir = job_params.job_dir(store, job_id)  # train() resumes from the checkpoint found here
-    with _hooks(job, holder, settings) as hooks:
+    files = JobFiles(store, job_id, out_dir)  # object storage: fetched here, published per epoch
+    with _hooks(job, holder, settings, files) as hooks, store.holding():
         try:
+            files.restore()
             with session_scope() as session:
                 config = train_config(session, job, store)
             result = api.train(config, out_dir, hooks=hooks)
@@ -213,7 +217,10 @@ def run_train_job(job_id: str, holder: str, settings: Settings | None = None) ->
                 log.info("job %s: succeeded (model %s)", job_id, model.id)
                 return "succeeded"
 
-            return _settle(job_id, finish)
+            outcome = _settle(job_id, finish)
+            if outcome == "succeeded":
+                files.discard_local()
+            return outcome
         except Exception as e:
             if hooks.stop_reason == "lease_lost":
                 return "lease_lost"
@@ -234,13 +241,13 @@ def run_evaluate_job(job_id: str, holder: str, settings: Settings | None = None)
     from models import api  # see run_train_job
 
     settings = settings or get_settings()
-    store = ArtifactStore(settings.artifact_dir)
+    store = open_store(settings)
     job = _claim(job_id, holder, settings)
     if job is None:
         return "skipped"
     out_dir = job_params.job_dir(store, job_id)
     params = dict(job.params)
-    with _hooks(job, holder, settings) as hooks:
+    with _hooks(job, holder, settings) as hooks, store.holding():
         try:
             with session_scope() as session:
                 model = session.get(Model, params.get("model_id"))
@@ -271,7 +278,10 @@ def run_evaluate_job(job_id: str, holder: str, settings: Settings | None = None)
                 log.info("job %s: evaluation %s stored", job_id, evaluation.id)
                 return "succeeded"
 
-            return _settle(job_id, finish)
+            outcome = _settle(job_id, finish)
+            if outcome == "succeeded":
+                JobFiles(store, job_id, out_dir).discard_local()
+            return outcome
         except Exception as e:
             from worker.hooks import JobStopped
 

@@ -18,7 +18,7 @@ from app.core.settings import Settings
 from app.services.api_keys import Principal
 from app.services.errors import Forbidden, Unauthenticated
 from app.services.prediction import PredictionService
-from app.services.storage import ArtifactStore
+from app.services.storage import Storage
 from app.services.submissions import Dispatcher
 
 
@@ -33,8 +33,8 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_store(request: Request) -> ArtifactStore:
-    store: ArtifactStore = request.app.state.store
+def get_store(request: Request) -> Storage:
+    store: Storage = request.app.state.store
     return store
 
 
@@ -87,7 +87,7 @@ def current_owner(principal: Annotated[Principal, Depends(current_principal)]) -
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+StoreDep = Annotated[Storage, Depends(get_store)]
 PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 OwnerDep = Annotated[str, Depends(current_owner)]

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # share no filesystem. The endpoint (MinIO, Ceph...) and credentials also come from the standard
     # AWS names; left unset, boto3's own chain applies (~/.aws, an instance role).
     artifacts: str | None = Field(
-        default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\\]*)?$"
+        default=None, pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\\]*)?)?$"
     )
     s3_endpoint_url: str | None = Field(
         default=None,
@@ -173,7 +173,8 @@ class Settings(BaseSettings):
         # relative default silently depends on the working directory of each process.
         if self.environment == "production":
             if self.object_storage:
-                relative = [n for n in ("cache_dir", "scratch_dir") if not getattr(self, n).is_absolute()]
+                dirs = ("cache_dir", "scratch_dir")
+                relative = [n for n in dirs if not getattr(self, n).is_absolute()]
                 if relative:
                     names = ", ".join(f"DPAAT_{n.upper()}" for n in relative)
                     raise ValueError(f"{names} must be absolute paths in production")

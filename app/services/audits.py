@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.db.tables import Artifact, Audit, Evaluation, Job, JobStatus, Model, utcnow
 from app.services import jobs, models_registry, submissions
 from app.services.errors import Conflict, Invalid, NotFound
-from app.services.storage import ArtifactStore
+from app.services.storage import Storage
 from app.services.submissions import Dispatcher
 
 # Observed values are means over a test set: a float error must not fail "0.4 >= 0.4".
@@ -270,7 +270,7 @@ def create_audit(
 
 def create_audit_with_upload(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     dispatcher: Dispatcher,
     *,
     owner: str,
@@ -341,7 +341,7 @@ class _Superseded(Exception):
         self.audit = audit
 
 
-def _forget_upload(session: Session, store: ArtifactStore, model: Model | None, uri: str) -> None:
+def _forget_upload(session: Session, store: Storage, model: Model | None, uri: str) -> None:
     """Undo a half-made upload: the model row and its artifact row (if registered) and the file."""
     session.rollback()
     if model is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,7 +20,7 @@ from app.core.settings import Settings
 from app.db.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 from app.services import archives, images
 from app.services.errors import Conflict, Invalid, NotFound, ServiceError
-from app.services.storage import SCHEME, ArtifactStore
+from app.services.storage import SCHEME, Storage, copy_stream
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 _LABEL_FILES = ("labels.csv", "HAM10000_metadata.csv")  # the order models.data looks for them
@@ -181,7 +180,7 @@ def _folder_size(root: Path) -> int:
 
 def _save(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     dataset_id: str,
     *,
     owner: str,
@@ -193,8 +192,7 @@ def _save(
     archive_sha256: str | None = None,
 ) -> Dataset:
     manifest = described["manifest"]
-    manifest_path = store.dir_for("datasets", dataset_id) / "manifest.json"
-    ref = store.write_text_atomic(manifest_path, manifest.to_json())
+    ref = store.put_text(f"datasets/{dataset_id}/manifest.json", manifest.to_json())
     row = Dataset(
         id=dataset_id,
         owner=owner,
@@ -218,7 +216,7 @@ def _save(
 
 def create_from_archive(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     settings: Settings,
     *,
     owner: str,
@@ -231,12 +229,11 @@ def create_from_archive(
     """
     dataset_id = new_id()
     work = store.temp_dir()
-    final = store.root / "datasets" / dataset_id
+    tree = f"datasets/{dataset_id}/data"
     try:
         archive_path = work / "upload"
-        _size, archive_sha256 = store.spool(
-            upload, archive_path, max_bytes=settings.max_upload_mb << 20
-        )
+        with archive_path.open("wb") as f:
+            _size, archive_sha256 = copy_stream(upload, f, max_bytes=settings.max_upload_mb << 20)
         archives.safe_extract(
             archive_path,
             work / "data",
@@ -246,9 +243,11 @@ def create_from_archive(
         archive_path.unlink()
         root = archives.dataset_root(work / "data")
         described = _describe(root, settings, upload_dir=work / "data")
-        final.mkdir(parents=True)
-        shutil.move(str(work / "data"), str(final / "data"))
-        moved_root = final / "data" / root.relative_to(work / "data")
+        size_bytes = _folder_size(work / "data")
+        relative = root.relative_to(work / "data").as_posix()
+        # The validated folder: moved in place (a directory store) or ONE archive object
+        # (object storage; extracted into each worker's cache: docs/decisions/storage.md).
+        store.put_tree(work / "data", tree)
         return _save(
             session,
             store,
@@ -256,14 +255,14 @@ def create_from_archive(
             owner=owner,
             name=name,
             source="upload",
-            root=store.uri_for(moved_root),
+            root=SCHEME + tree + ("" if relative == "." else f"/{relative}"),
             described=described,
-            size_bytes=_folder_size(final / "data"),
+            size_bytes=size_bytes,
             archive_sha256=archive_sha256,
         )
     except BaseException:
         session.rollback()
-        archives.remove_tree(final)
+        store.delete(SCHEME + f"datasets/{dataset_id}")
         raise
     finally:
         archives.remove_tree(work)
@@ -271,7 +270,7 @@ def create_from_archive(
 
 def register_directory(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     settings: Settings,
     *,
     owner: str,
@@ -304,7 +303,7 @@ def register_directory(
         )
     except BaseException:
         session.rollback()
-        archives.remove_tree(store.root / "datasets" / dataset_id)
+        store.delete(SCHEME + f"datasets/{dataset_id}")
         raise
 
 
@@ -331,7 +330,7 @@ def list_datasets(
     return list(rows), int(total or 0)
 
 
-def delete_dataset(session: Session, store: ArtifactStore, dataset_id: str, owner: str) -> None:
+def delete_dataset(session: Session, store: Storage, dataset_id: str, owner: str) -> None:
     """Delete a dataset and its stored files; ``Conflict`` while a job still needs it.
 
     A registered directory is never touched (only its manifest in the store is removed). Models
@@ -350,11 +349,17 @@ def delete_dataset(session: Session, store: ArtifactStore, dataset_id: str, owne
     store.delete(SCHEME + f"datasets/{dataset_id}")
 
 
-def dataset_root(row: Dataset, store: ArtifactStore) -> Path:
-    """The folder the dataset's images are read from."""
-    return store.path(row.root) if row.root.startswith(SCHEME) else Path(row.root)
+def dataset_root(row: Dataset, store: Storage) -> Path:
+    """The local folder the dataset's images are read from: a registered server directory, or
+    the stored upload (on object storage: extracted into this host's cache)."""
+    if not row.root.startswith(SCHEME):
+        return Path(row.root)
+    tree = SCHEME + f"datasets/{row.id}/data"
+    if row.root != tree and not row.root.startswith(tree + "/"):
+        raise Invalid(f"dataset {row.id} names files outside its folder")
+    return store.local_dir(tree) / row.root[len(tree) :].lstrip("/")
 
 
-def manifest_path(row: Dataset, store: ArtifactStore) -> Path:
-    """The dataset's split manifest (every job on the dataset uses this split)."""
-    return store.path(row.manifest_uri)
+def manifest_path(row: Dataset, store: Storage) -> Path:
+    """The dataset's split manifest (every job on the dataset uses this split), as a local file."""
+    return store.local_path(row.manifest_uri)

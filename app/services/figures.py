@@ -15,9 +15,7 @@ starts without matplotlib.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from app.client import render
 from app.db.tables import Artifact, Evaluation, Job, Model
 from app.services import jobs
 from app.services.errors import NotFound, Unavailable
-from app.services.storage import ArtifactStore
+from app.services.storage import SCHEME, ArtifactMissing, Storage
 
 # name -> caption, in the order the reports show them (shared with the client's Markdown)
 FIGURES = render.FIGURES
@@ -84,38 +82,36 @@ def available(session: Session, model: Model, evaluation: Evaluation | None) -> 
     return names
 
 
-def _existing(store: ArtifactStore, uri: str, what: str) -> Path:
-    path = store.path(uri)
-    if not path.is_file():
-        raise Unavailable(f"the {what} is missing from the artifact store")
-    return path
-
-
-def _cached(
-    store: ArtifactStore, job_id: str | None, key: str, draw: Callable[[Path], Any]
-) -> Path:
-    """The PNG drawn by ``draw(path)``, kept under ``jobs/<job_id>/figures/<key>.png``. Concurrent
-    first requests may both draw; each renames its own whole file into place."""
-    if job_id is None:  # nowhere to keep it: draw into a private folder (rare: no job at all)
-        target = store.temp_dir() / f"{key}.png"
-    else:
-        target = store.dir_for("jobs", job_id, "figures") / f"{key}.png"
-        if target.is_file():
-            return target
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
+def _existing(store: Storage, uri: str, what: str) -> Path:
     try:
-        draw(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+        return store.local_path(uri)
+    except ArtifactMissing as e:
+        raise Unavailable(f"the {what} is missing from the artifact store") from e
+
+
+def _cached(store: Storage, job_id: str | None, key: str, draw: Callable[[Path], Any]) -> Path:
+    """The PNG drawn by ``draw(path)``, kept under ``jobs/<job_id>/figures/<key>.png``. Concurrent
+    first requests may both draw; each publishes its own whole file (atomic either way)."""
+    folder = store.temp_dir()
+    target = folder / f"{key}.png"
+    if job_id is None:  # nowhere to keep it: draw into a private folder (rare: no job at all)
+        draw(target)
+        return target
+    uri = SCHEME + f"jobs/{job_id}/figures/{key}.png"
+    try:
+        if store.exists(uri):
+            shutil.rmtree(folder, ignore_errors=True)
+            return store.local_path(uri)
+        draw(target)
+        ref = store.publish(target, f"jobs/{job_id}/figures/{key}.png")
+        return store.local_path(ref.uri, ref.sha256)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def path_of(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     name: str,
     model: Model,
     evaluation: Evaluation | None,
@@ -151,9 +147,7 @@ def path_of(
     return _existing(store, montage.uri, "Grad-CAM montage")
 
 
-def curve_png(
-    store: ArtifactStore, reports: Sequence[Mapping[str, Any]], labels: Sequence[str]
-) -> bytes:
+def curve_png(store: Storage, reports: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> bytes:
     """The robustness curves of several reports on one PNG (drawn per request: any combination
     of reports can be asked for)."""
     from models import plots

@@ -2,7 +2,8 @@
 
 The API stores what the client asked for (``TrainJobRequest`` / ``EvaluateJobRequest`` as JSON in
 ``job.params``); the server-side paths (dataset folder, split manifest, checkpoints) are resolved
-here, when the worker runs the job, so artifact stores mounted at different paths still work.
+here, when the worker runs the job, so artifact stores mounted at different paths (or object
+storage read through each host's cache) still work.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from sqlalchemy.orm import Session
 from app.db.tables import Dataset, Job, Model
 from app.services import datasets, models_registry
 from app.services.errors import Invalid
-from app.services.storage import ArtifactStore
+from app.services.storage import Storage
 
 
-def job_dir(store: ArtifactStore, job_id: str) -> Path:
-    """``<artifact_dir>/jobs/<job_id>``: a job's outputs; a re-queued job resumes from it."""
-    return store.dir_for("jobs", job_id)
+def job_dir(store: Storage, job_id: str) -> Path:
+    """The local folder a job works in: ``<artifact_dir>/jobs/<job_id>`` for a directory store,
+    local scratch on object storage (``worker.job_files`` keeps it in step with the store)."""
+    return store.job_dir(job_id)
 
 
 def _dataset(session: Session, dataset_id: str) -> Dataset:
@@ -37,12 +39,13 @@ def _model(session: Session, model_id: str) -> Model:
     return row
 
 
-def weights_path(model: Model, store: ArtifactStore) -> Path:
-    """Where a model's weights file is (a training checkpoint or an uploaded safetensors)."""
-    return store.path(model.weights_uri)
+def weights_path(model: Model, store: Storage) -> Path:
+    """A local copy of a model's weights (a training checkpoint or an uploaded safetensors),
+    checked against the recorded sha256 when it comes from object storage."""
+    return store.local_path(model.weights_uri, model.checkpoint_sha256)
 
 
-def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, Any]:
+def train_config(session: Session, job: Job, store: Storage) -> dict[str, Any]:
     """The ``TrainConfig`` dict of a training job (``TrainConfig.from_dict`` accepts it)."""
     if job.kind != "train":
         raise Invalid(f"job {job.id} is not a training job")
@@ -69,7 +72,7 @@ def train_config(session: Session, job: Job, store: ArtifactStore) -> dict[str, 
     return config
 
 
-def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str, Any]:
+def evaluate_args(session: Session, job: Job, store: Storage) -> dict[str, Any]:
     """Keyword arguments of ``models.api.evaluate`` for an evaluation job (``out_dir`` excluded).
 
     The dataset defaults to the one the model was trained on; with neither, ``evaluate`` falls
@@ -103,7 +106,7 @@ def evaluate_args(session: Session, job: Job, store: ArtifactStore) -> dict[str,
     return args
 
 
-def init_config(model: Model, store: ArtifactStore) -> dict[str, Any]:
+def init_config(model: Model, store: Storage) -> dict[str, Any]:
     """The TrainConfig fields that make a run start from ``model``: its weights, description,
     architecture and input size."""
     check_can_finetune(model)

@@ -9,15 +9,16 @@ from sqlalchemy.orm import Session
 from app.db.tables import Model
 from app.services import models_registry
 from app.services.errors import Invalid, Unavailable
-from app.services.storage import ArtifactStore
+from app.services.storage import ArtifactMissing, Storage
 
 
-def export_model(session: Session, store: ArtifactStore, model: Model, fmt: str) -> bytes:
+def export_model(session: Session, store: Storage, model: Model, fmt: str) -> bytes:
     """The archive's bytes; ``Invalid`` for a format the model cannot take (an ONNX model's
     safetensors), ``Unavailable`` when its file is gone or the server has no ML extra."""
-    path = store.path(model.weights_uri)
-    if not path.is_file():
-        raise Unavailable("the weights file is missing from the artifact store")
+    try:
+        path = store.local_path(model.weights_uri, model.checkpoint_sha256)
+    except ArtifactMissing as e:
+        raise Unavailable("the weights file is missing from the artifact store") from e
     try:
         import models.api as ml
         from models.export import export_archive

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import Artifact, Evaluation, Job, Model
 from app.services.errors import Invalid, NotFound
-from app.services.storage import ArtifactRef, ArtifactStore
+from app.services.storage import ArtifactRef, Storage
 
 _REPORT_KINDS = {
     ".json": "report_json",
@@ -24,20 +24,21 @@ _REPORT_KINDS = {
 _NAMED_KINDS = {"gradcam_montage.png": "report_gradcam"}
 
 
-def _default_store() -> ArtifactStore:
+def _default_store() -> Storage:
     from app.core.settings import get_settings
+    from app.services.storage import open_store
 
-    return ArtifactStore(get_settings().artifact_dir)
+    return open_store(get_settings())
 
 
-def _stored(store: ArtifactStore, path: str | Path) -> ArtifactRef:
-    """A file's reference, copied into the store first when it lives elsewhere."""
-    try:
-        return store.ref(path)
-    except Invalid:
-        if not Path(path).is_file():
-            raise
+def _stored(store: Storage, path: str | Path, job_id: str | None) -> ArtifactRef:
+    """A job's output file published at ``jobs/<job_id>/<name>`` (no copy when it already is
+    that file of a directory store); without a job, copied in under a generated name."""
+    if not Path(path).is_file():
+        raise Invalid(f"{path} is not a file")
+    if job_id is None:
         return store.put_file(path)
+    return store.publish(path, f"jobs/{job_id}/{Path(path).name}")
 
 
 def _add_artifact(
@@ -72,14 +73,14 @@ def register_trained_model(
     report: Mapping[str, Any] | None = None,
     report_files: Mapping[str, str | Path] | None = None,
     name: str | None = None,
-    store: ArtifactStore | None = None,
+    store: Storage | None = None,
 ) -> Model:
     """Record the model a training job produced (idempotent: a job registers one model).
 
     ``model_info`` is ``TrainResult.model_info`` (arch, classes, image_size, method, ...). The
-    checkpoint stays where the worker wrote it when that is inside the artifact store (its job
-    folder), and is copied in otherwise. ``report`` (+ the files ``write_report`` wrote) records an
-    evaluation of the new model when the job ran one. Commits.
+    checkpoint is published at ``jobs/<job_id>/<name>`` (no copy when the worker wrote it there,
+    in a directory store; uploaded on object storage). ``report`` (+ the files ``write_report``
+    wrote) records an evaluation of the new model when the job ran one. Commits.
     """
     existing = session.scalars(select(Model).where(Model.job_id == job.id)).one_or_none()
     if existing is not None:
@@ -88,7 +89,7 @@ def register_trained_model(
         if key not in model_info:
             raise Invalid(f"model_info lacks {key!r}")
     store = store or _default_store()
-    ref = _stored(store, checkpoint_path)
+    ref = _stored(store, checkpoint_path, job.id)
     if checkpoint_sha256 is not None and checkpoint_sha256 != ref.sha256:
         raise Invalid("the checkpoint changed while it was being registered (sha256 mismatch)")
     arch = str(model_info["arch"])
@@ -126,7 +127,7 @@ def register_evaluation(
     report: Mapping[str, Any],
     report_files: Mapping[str, str | Path] | None = None,
     *,
-    store: ArtifactStore | None = None,
+    store: Storage | None = None,
 ) -> Evaluation:
     """Record the report of an evaluation job (idempotent per job). Commits."""
     existing = session.scalars(select(Evaluation).where(Evaluation.job_id == job.id)).one_or_none()
@@ -143,7 +144,7 @@ def register_evaluation(
 
 def _add_evaluation(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     model: Model,
     report: Mapping[str, Any],
     report_files: Mapping[str, str | Path] | None,
@@ -153,7 +154,7 @@ def _add_evaluation(
     for path in (report_files or {}).values():
         name = Path(path).name
         kind = _NAMED_KINDS.get(name) or _REPORT_KINDS.get(Path(path).suffix.lower(), "other")
-        ref = _stored(store, path)
+        ref = _stored(store, path, job.id if job else model.job_id)
         _add_artifact(
             session,
             ref,
@@ -259,7 +260,7 @@ def _default(obj: Any) -> Any:
 
 def upload_model(
     session: Session,
-    store: ArtifactStore,
+    store: Storage,
     *,
     owner: str,
     description: Mapping[str, Any],
@@ -295,7 +296,7 @@ def weights_suffix(description: Mapping[str, Any]) -> str:
 
 
 def check_weights(
-    store: ArtifactStore, ref: ArtifactRef, description: Mapping[str, Any]
+    store: Storage, ref: ArtifactRef, description: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Check a stored upload against its description before anything is registered:
     safetensors (header, every tensor's name and shape against the architecture) or ONNX
@@ -303,7 +304,7 @@ def check_weights(
     that is kept in the model's info."""
     from app.services import model_files
 
-    path = store.path(ref.uri)
+    path = store.local_path(ref.uri, ref.sha256)
     if description.get("framework") == "onnx":
         return model_files.check_onnx(path, dict(description))
     tensors = model_files.read_safetensors_header(path)

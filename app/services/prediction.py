@@ -296,11 +296,12 @@ class PredictionService:
         """The in-process worker (embedded mode), started on the first prediction."""
         with self._batcher_lock:
             if self._batcher is None:
+                from app.services.storage import open_store
                 from worker.predict import Batcher, ModelCache
 
                 self._batcher = Batcher(
                     ModelCache(
-                        self.settings.artifact_dir,
+                        open_store(self.settings),
                         self.settings.predictor_cache_size,
                         self.settings.predictor_cache_mb << 20,
                     ),

@@ -347,9 +347,7 @@ class ArtifactStore(Storage):
         return self.dir_for("jobs", job_id)
 
 
-def copy_stream(
-    stream: BinaryIO, out: BinaryIO, max_bytes: int | None = None
-) -> tuple[int, str]:
+def copy_stream(stream: BinaryIO, out: BinaryIO, max_bytes: int | None = None) -> tuple[int, str]:
     """Copy ``stream`` to ``out``; returns (size, sha256); ``TooLarge`` past ``max_bytes``."""
     h = hashlib.sha256()
     size = 0

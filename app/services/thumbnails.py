@@ -12,25 +12,24 @@ from PIL import Image
 
 from app.db.tables import Dataset
 from app.services import datasets
-from app.services.errors import NotFound
-from app.services.storage import ArtifactStore
+from app.services.errors import NotFound, ServiceError
+from app.services.storage import Storage
 
 MAX_THUMBS = 6
 SIZE = 96
 _SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def split_sizes(row: Dataset, store: ArtifactStore) -> dict[str, int]:
+def split_sizes(row: Dataset, store: Storage) -> dict[str, int]:
     """Images per part of the dataset's split (train / val / test)."""
-    path = datasets.manifest_path(row, store)
     try:
-        parts = json.loads(path.read_text()).get("parts", {})
-    except (OSError, ValueError):
+        parts = json.loads(datasets.manifest_path(row, store).read_text()).get("parts", {})
+    except (OSError, ValueError, ServiceError):
         return {}
     return {name: len(files) for name, files in parts.items()}
 
 
-def _images(row: Dataset, store: ArtifactStore) -> list[Path]:
+def _images(row: Dataset, store: Storage) -> list[Path]:
     root = datasets.dataset_root(row, store)
     found: list[Path] = []
     for path in sorted(root.rglob("*")):
@@ -42,11 +41,11 @@ def _images(row: Dataset, store: ArtifactStore) -> list[Path]:
     return found
 
 
-def count(row: Dataset, store: ArtifactStore) -> int:
+def count(row: Dataset, store: Storage) -> int:
     return len(_images(row, store))
 
 
-def thumbnail(row: Dataset, store: ArtifactStore, index: int) -> bytes:
+def thumbnail(row: Dataset, store: Storage, index: int) -> bytes:
     """The ``index``-th thumbnail of the dataset, a PNG at most SIZE px on a side."""
     files = _images(row, store)
     if not 0 <= index < len(files):

@@ -15,7 +15,7 @@ from app.schemas.common import MAX_OFFSET, Page, error_responses
 from app.schemas.models import EvaluationOut, ModelDescription, ModelOut
 from app.services import figures, model_export, models_registry
 from app.services.errors import NotFound, Unavailable
-from app.services.storage import ArtifactStore
+from app.services.storage import ArtifactMissing, Storage
 
 router = APIRouter(prefix=f"{API_PREFIX}/models", tags=["models"])
 
@@ -86,11 +86,11 @@ def get_model(model_id: str, session: SessionDep, owner: OwnerDep) -> ModelOut:
     return _out(model, models_registry.latest_evaluation(session, model) is not None)
 
 
-def _existing(store: ArtifactStore, uri: str, what: str) -> str:
-    path = store.path(uri)
-    if not path.is_file():
-        raise Unavailable(f"the {what} is missing from the artifact store")
-    return str(path)
+def _existing(store: Storage, uri: str, what: str, sha256: str | None = None) -> str:
+    try:
+        return str(store.local_path(uri, sha256))  # on object storage: via this host's cache
+    except ArtifactMissing as e:
+        raise Unavailable(f"the {what} is missing from the artifact store") from e
 
 
 @router.get(
@@ -111,7 +111,7 @@ def download_weights(
     model = models_registry.get_model(session, model_id, owner)
     suffix = {"checkpoint": ".pt", "onnx": ".onnx"}.get(model.weights_format, ".safetensors")
     return FileResponse(
-        _existing(store, model.weights_uri, "weights file"),
+        _existing(store, model.weights_uri, "weights file", model.checkpoint_sha256),
         media_type="application/octet-stream",
         filename=f"model-{model.id}{suffix}",
         headers={"ETag": f'"{model.checkpoint_sha256}"'},
