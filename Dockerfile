@@ -27,10 +27,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DPAAT_ENVIRONMENT=production \
-    DPAAT_ARTIFACT_DIR=/var/lib/dpaat/artifacts
+    DPAAT_ARTIFACT_DIR=/var/lib/dpaat/artifacts \
+    DPAAT_CACHE_DIR=/var/cache/dpaat \
+    DPAAT_SCRATCH_DIR=/var/lib/dpaat/scratch
 RUN useradd --create-home --uid 10001 dpaat \
-    && mkdir -p /var/lib/dpaat/artifacts \
-    && chown -R dpaat:dpaat /var/lib/dpaat
+    && mkdir -p /var/lib/dpaat/artifacts /var/lib/dpaat/scratch /var/cache/dpaat \
+    && chown -R dpaat:dpaat /var/lib/dpaat /var/cache/dpaat
 COPY --from=builder /opt/venv /opt/venv
 USER dpaat
 WORKDIR /home/dpaat
