@@ -46,7 +46,8 @@ class JobFiles:
             found[name] = self.store.fetch(SCHEME + self._key(name), self.folder / name)
         if found["checkpoint.pt"] is None:
             # Nothing resumable: drop local leftovers of an attempt that never published one.
-            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+            for name in RESUME_FILES:
+                (self.folder / name).unlink(missing_ok=True)
             return False
         log.info("job %s: resuming from the checkpoint in the store", self.job_id)
         return True
