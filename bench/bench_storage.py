@@ -19,6 +19,7 @@ Run: .venv/bin/python bench/bench_storage.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -119,7 +120,8 @@ def main() -> None:
         name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
         for name, ts in times.items()
     }
-    print(f"# checkpoint {size / 2**20:.1f} MB, {args.repeats} repeats, {platform.processor()}")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"# checkpoint {size / 2**20:.1f} MB, {args.repeats} repeats, medians, {machine}")
     print(f"{'':24}{'local':>10}{'s3 (moto)':>12}{'ratio':>8}")
     for i, what in enumerate(("save (+ publish)", "resume (fetch + load)")):
         a, b = med["local"][i], med["s3"][i]
