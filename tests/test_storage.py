@@ -302,3 +302,45 @@ def test_a_worker_killed_midupload_leaves_no_half_checkpoint(
     assert store.stat(SCHEME + "jobs/k/checkpoint.pt") is None  # invisible: a resume starts over
     assert store.fetch(SCHEME + "jobs/k/checkpoint.pt", tmp_path / "resume.pt") is None
     assert "artifacts/jobs/k/checkpoint.pt" not in s3_server.objects(bucket)
+
+
+# ============================================================================ a job's files
+def test_job_files_move_a_run_between_hosts(s3_server: S3Server, tmp_path: Path) -> None:
+    from worker.job_files import RESUME_FILES, JobFiles
+
+    bucket = s3_server.new_bucket()
+    host_a = open_store(_s3_settings(s3_server, bucket, tmp_path / "a"))
+    host_b = open_store(_s3_settings(s3_server, bucket, tmp_path / "b"))
+    on_a = JobFiles(host_a, "job1", host_a.job_dir("job1"))
+    for name in RESUME_FILES:
+        (on_a.folder / name).write_bytes(os.urandom(1000))
+    on_a.save()
+    on_b = JobFiles(host_b, "job1", host_b.job_dir("job1"))
+    assert on_b.folder != on_a.folder and on_b.restore()
+    for name in RESUME_FILES:
+        assert (on_b.folder / name).read_bytes() == (on_a.folder / name).read_bytes(), name
+    # the same host resumes without downloading (the local copies match the objects)
+    before = {n: (on_a.folder / n).stat().st_mtime_ns for n in RESUME_FILES}
+    assert on_a.restore()
+    assert {n: (on_a.folder / n).stat().st_mtime_ns for n in RESUME_FILES} == before
+    # a job with nothing in the store starts fresh: leftovers of a dead attempt are dropped
+    fresh = JobFiles(host_b, "job2", host_b.job_dir("job2"))
+    for name in RESUME_FILES:
+        (fresh.folder / name).write_bytes(b"stale")
+    assert not fresh.restore()
+    assert not any((fresh.folder / n).exists() for n in RESUME_FILES)
+    fresh.discard_local()
+    assert not fresh.folder.exists()
+
+
+def test_job_files_are_the_store_itself_for_a_directory(tmp_path: Path) -> None:
+    from worker.job_files import JobFiles
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    files = JobFiles(store, "job1", store.job_dir("job1"))
+    assert files.folder == store.root / "jobs" / "job1" and not files.restore()
+    (files.folder / "checkpoint.pt").write_bytes(b"x")
+    files.save()  # nothing to do: already in the store
+    assert files.restore() and store.read_bytes(SCHEME + "jobs/job1/checkpoint.pt") == b"x"
+    files.discard_local()  # never deletes the store's own folder
+    assert files.folder.is_dir()

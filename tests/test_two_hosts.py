@@ -112,8 +112,9 @@ def test_a_job_started_on_host_a_finishes_on_host_b_through_s3(
         assert evaluation["status"] == "succeeded", evaluation["error"]
         report = stack.http.get(stack.url(f"/models/{model_id}/report"), params={"format": "md"})
         assert report.status_code == 200 and "#" in report.text
-        curve = stack.http.get(stack.url(f"/models/{model_id}/figures/robustness_curve.png"))
-        assert curve.status_code == 200 and curve.content.startswith(b"\x89PNG")
+        for figure in ("robustness_curve", "class_recall"):  # stored / drawn by the API
+            png = stack.http.get(stack.url(f"/models/{model_id}/figures/{figure}.png"))
+            assert png.status_code == 200 and png.content.startswith(b"\x89PNG"), figure
 
         stack.start_predict_worker(env=_host(hosts["b"]))
         image = next((ham_root / "images").glob("ISIC_*.jpg")).read_bytes()
@@ -129,6 +130,7 @@ def test_a_job_started_on_host_a_finishes_on_host_b_through_s3(
         objects = s3_server.objects(bucket)
         for name in ("report.json", "report.md", "robustness_curve.png"):
             assert f"{PREFIX}/jobs/{eval_id}/{name}" in objects, name
+        assert [k for k in objects if k.startswith(f"{PREFIX}/jobs/{eval_id}/figures/")]
         assert not hosts["a"].exists()
         for name in ("api", "b"):
             assert not (hosts[name] / "artifacts").exists(), name
