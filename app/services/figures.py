@@ -100,7 +100,6 @@ def _cached(store: Storage, job_id: str | None, key: str, draw: Callable[[Path],
     uri = SCHEME + f"jobs/{job_id}/figures/{key}.png"
     try:
         if store.exists(uri):
-            shutil.rmtree(folder, ignore_errors=True)
             return store.local_path(uri)
         draw(target)
         ref = store.publish(target, f"jobs/{job_id}/figures/{key}.png")

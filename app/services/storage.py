@@ -14,6 +14,7 @@ rename; S3: a PUT or a completed multipart upload).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -113,8 +114,6 @@ class Storage(ABC):
 
     def put_bytes(self, data: bytes, suffix: str = "") -> ArtifactRef:
         """Store ``data`` under a generated name ending in ``suffix`` (e.g. ``.png``)."""
-        import io
-
         return self.put_stream(io.BytesIO(data), suffix)
 
     def put_file(self, path: str | Path, suffix: str | None = None) -> ArtifactRef:
