@@ -257,17 +257,21 @@ def test_an_upload_that_fails_midway_leaves_the_previous_checkpoint(
 
 _KILLED_UPLOADER = textwrap.dedent(
     """
-    import sys, time
+    import sys, threading, time
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from app.core.settings import Settings
     from app.services.storage import open_store
     store = open_store(Settings(**{settings!r}))
-    sent = [0]
-    def slow(n):
-        sent[0] += n
-        if sent[0] > (6 << 20):
+    sent, lock = [0, False], threading.Lock()
+    def slow(n):  # called from boto3's upload threads
+        with lock:
+            sent[0] += n
+            first = sent[0] > (6 << 20) and not sent[1]
+            sent[1] = sent[1] or first
+        if first:
             print("MIDWAY", flush=True)
+        if sent[1]:
             time.sleep(60)
     store.publish(Path({path!r}), "jobs/k/checkpoint.pt", callback=slow)
     """
