@@ -120,14 +120,18 @@ def agreement(args: argparse.Namespace) -> None:
         f"({seconds:.0f} s CPU): {len(d['bisect5'])} broken clean-correct samples, "
         f"median d {d['bisect16'].median():.3f}/255"
     )
-    for name in ("bisect5", "secant2", "secant3"):
-        to_bisect = (d[name] - d["bisect5"]).abs()
-        to_crossing = d[name] - d["bisect16"]
-        print(
-            f"  {name:8s} median |d - d_bisect5| {to_bisect.median():.4f}/255 "
-            f"(90th pct {to_bisect.quantile(0.9):.4f}), median d - d_crossing "
-            f"{to_crossing.median():.4f}/255 (90th pct {to_crossing.quantile(0.9):.4f})"
-        )
+    # samples already past tau at x (a clean loss above tau) cross at s = 0: shown apart
+    inside = d["bisect16"] > 0.01
+    for rows, what in ((slice(None), "all"), (inside, "crossing inside the segment")):
+        print(f" {what}: {int(torch.ones_like(inside)[rows].sum())} samples")
+        for name in ("bisect5", "secant2", "secant3"):
+            to_bisect = (d[name] - d["bisect5"])[rows].abs()
+            to_crossing = (d[name] - d["bisect16"])[rows]
+            print(
+                f"  {name:8s} median |d - d_bisect5| {to_bisect.median():.4f}/255 "
+                f"(90th pct {to_bisect.quantile(0.9):.4f}), median d - d_crossing "
+                f"{to_crossing.median():.4f}/255 (90th pct {to_crossing.quantile(0.9):.4f})"
+            )
 
 
 class StopAfter(TrainingHooks):
