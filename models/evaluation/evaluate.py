@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from models.attacks import Attack, make_attack, per_sample_ce
-from models.data import TensorImageDataset
+from models.data import ImageDataset
 from models.evaluation import checks as ck
 from models.evaluation.gradcam import cam_unavailable, grad_cam, lesion_focus
 from models.evaluation.metrics import classification_metrics, wilson
@@ -209,7 +209,7 @@ def curve_auc(points: Sequence[tuple[float, float]]) -> float | None:
 
 def evaluate_model(
     model: nn.Module,
-    dataset: TensorImageDataset,
+    dataset: ImageDataset,
     *,
     eps_list: Sequence[float] = DEFAULT_EPS,
     attacks: Sequence[Mapping[str, Any]] = DEFAULT_ATTACKS,
@@ -273,7 +273,7 @@ def evaluate_model(
 
 def _evaluate(
     model: nn.Module,
-    dataset: TensorImageDataset,
+    dataset: ImageDataset,
     eps_sorted: list[float],
     attack_specs: Sequence[Mapping[str, Any]],
     batch_size: int,
@@ -298,11 +298,11 @@ def _evaluate(
     chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     def chunk(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return dataset.images[sl].to(device).float().div_(255.0), labels[sl].to(device)
+        return dataset.images_at(sl).to(device).float().div_(255.0), labels[sl].to(device)
 
     # a model without a spatial feature map (a ViT) gets lesion_focus null and the reason
     no_cam = cam_unavailable(model, chunk(slice(0, 1))[0]) if gradcam and n else None
-    masks = dataset.masks if gradcam and no_cam is None else None
+    masks = dataset.masks_at(slice(None)) if gradcam and no_cam is None else None
 
     labels_list = _labels(attack_specs)
     attacks = {
@@ -319,9 +319,11 @@ def _evaluate(
     report_progress("clean", 0.0)
     logits = torch.empty(n, k)
     focus_clean = torch.full((n,), float("nan"))
-    for i, sl in enumerate(chunks):
+    # the first pass reads through the dataset's loader (streamed data: decoded by its workers)
+    parts = [torch.arange(sl.start, sl.stop) for sl in chunks]
+    for i, (sl, images) in enumerate(zip(chunks, dataset.batches(parts), strict=True)):
         t = timer.now()
-        x, _ = chunk(sl)
+        x = images.to(device).float().div_(255.0)
         with torch.no_grad():
             out = model(x).float()
         if out.shape != (len(x), k):
@@ -412,7 +414,7 @@ def _evaluate(
     report_progress("checks", _CLEAN + _ATTACKS)
     t = timer.now()
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, check_samples)]
-    xs, ys = dataset.images[pick].to(device).float().div_(255.0), labels[pick].to(device)
+    xs, ys = dataset.images_at(pick).to(device).float().div_(255.0), labels[pick].to(device)
     per_attack_curves = {
         lbl: {eps: robust[eps_key(eps)]["per_attack"][lbl]["accuracy"] for eps in eps_sorted}
         for lbl in order
@@ -477,7 +479,7 @@ def _evaluate(
             "samples": n,
             "class_counts": dict(zip(classes, dataset.class_counts(), strict=True)),
             "image_size": dataset.image_size,
-            "has_masks": dataset.masks is not None,
+            "has_masks": dataset.has_masks,
         },
         "threat_model": {
             "norm": norm,
