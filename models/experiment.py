@@ -464,7 +464,8 @@ def _claim_dir(path: Path, unit: Unit, digest: str, log: Log) -> None:
 
 
 def _load_data(ctx: _Context) -> None:
-    """Decode the datasets once per experiment: every unit trains on the same tensors."""
+    """Load the datasets once per experiment: every unit reads the same images (and shares
+    their decoded-image cache)."""
     if ctx.bundle is not None:
         return
     from models.data import load_bundle

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -272,16 +274,31 @@ class FileImageDataset(ImageDataset):
             for idx in lists:
                 yield self._stack([self.image(i) for i in idx])
             return
-        loader = DataLoader(
+        loader: DataLoader = DataLoader(
             self,
             batch_sampler=lists,
             num_workers=self.workers,
             collate_fn=_stack_batch,
-            prefetch_factor=4,
             # its own seed source: the global RNG draws exactly what an in-memory run draws
             generator=torch.Generator(),
         )
-        yield from loader
+        with may_start_children():
+            batches = iter(loader)  # starts the workers
+        yield from batches
+
+
+@contextmanager
+def may_start_children() -> Iterator[None]:
+    """Celery's prefork pool runs tasks in daemonic processes, which ``multiprocessing`` forbids
+    to start children (a daemon is killed without reaping them). DataLoader workers watch their
+    parent and exit when it is gone, so the flag is lifted while they start."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
 
 
 class SubsetDataset(ImageDataset):

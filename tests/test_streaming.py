@@ -92,6 +92,27 @@ def test_the_cache_is_bounded_and_filled_by_the_workers(tmp_path: Path) -> None:
     assert ds.subset(torch.tensor([3, 1])).images_at([0, 1]).equal(reference.images[[3, 1]])
 
 
+def _read_in_a_daemon(paths: list[str], out: object) -> None:
+    samples = [Sample(p, i % 3, str(i)) for i, p in enumerate(paths)]
+    ds = FileImageDataset(samples, CLASSES, 16, workers=1)
+    out.put(sum(len(b) for b in ds.batches(list(torch.arange(len(samples)).split(4)))))  # type: ignore[attr-defined]
+
+
+def test_workers_start_in_a_celery_pool_process(tmp_path: Path) -> None:
+    """Celery's prefork pool runs a training job in a daemonic process (billiard's): the
+    DataLoader's worker processes still start there."""
+    import billiard
+
+    samples = image_files(tmp_path / "img", 12)
+    queue = billiard.Queue()
+    child = billiard.Process(
+        target=_read_in_a_daemon, args=([s.image for s in samples], queue), daemon=True
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 12
+
+
 MEMORY_RUN = """
 import json, resource, sys, torch
 from models.data import DataBundle
