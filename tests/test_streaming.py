@@ -18,6 +18,7 @@ from models.data import DataBundle
 from models.formats import Sample
 from models.streaming import FileImageDataset, tensor_dataset
 from models.training import TrainConfig, load_trained_model, train
+from models.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -68,8 +69,8 @@ def test_streamed_training_matches_in_memory_tensors(tmp_path: Path) -> None:
     wa, wb = load_trained_model(a.checkpoint)[0], load_trained_model(b.checkpoint)[0]
     for (name, pa), pb in zip(wa.state_dict().items(), wb.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    saved_a = torch.load(a.checkpoint, weights_only=False)["method"]
-    saved_b = torch.load(b.checkpoint, weights_only=False)["method"]
+    saved_a = load_checkpoint(Path(a.checkpoint))["method"]
+    saved_b = load_checkpoint(Path(b.checkpoint))["method"]
     assert torch.equal(saved_a["eps"], saved_b["eps"]), "per-sample radii by index"
 
 

@@ -271,6 +271,12 @@ def evaluate_model(
     return report
 
 
+def _masks(dataset: ImageDataset, sl: slice) -> torch.Tensor:
+    found = dataset.masks_at(sl)
+    assert found is not None  # only called when the dataset has masks
+    return found
+
+
 def _evaluate(
     model: nn.Module,
     dataset: ImageDataset,
@@ -302,7 +308,8 @@ def _evaluate(
 
     # a model without a spatial feature map (a ViT) gets lesion_focus null and the reason
     no_cam = cam_unavailable(model, chunk(slice(0, 1))[0]) if gradcam and n else None
-    masks = dataset.masks_at(slice(None)) if gradcam and no_cam is None else None
+    # lesion masks are read per chunk (streamed data: never all in memory at once)
+    masks = gradcam and no_cam is None and dataset.has_masks
 
     labels_list = _labels(attack_specs)
     attacks = {
@@ -332,9 +339,9 @@ def _evaluate(
             )
         logits[sl] = out.cpu()
         t = timer.add("clean", t)
-        if masks is not None:
+        if masks:
             focus_clean[sl] = lesion_focus(
-                grad_cam(model, x, batch_size=batch_size), masks[sl]
+                grad_cam(model, x, batch_size=batch_size), _masks(dataset, sl)
             ).cpu()
             timer.add("gradcam", t)
         report_progress("clean", _CLEAN * (i + 1) / len(chunks))
@@ -371,7 +378,7 @@ def _evaluate(
                 model, {lbl: attacks[lbl] for lbl in order}, x, y, eps,
                 clean_correct[sl].to(device), clean_loss[sl].to(device),
                 clean_probs[sl].to(device), cascade,
-                keep_x=eps == adv_cam_eps and masks is not None, timer=timer,
+                keep_x=eps == adv_cam_eps and masks, timer=timer,
             )  # fmt: skip
             for lbl in order:
                 fooled[eps][lbl][sl] = wc.fooled[lbl].cpu()
@@ -383,10 +390,10 @@ def _evaluate(
             done += len(order)
             report_progress("attacks", _CLEAN + _ATTACKS * done / units)
             probs_e[sl] = best_probs.cpu()
-            if best_x is not None and masks is not None:
+            if best_x is not None and masks:
                 t = timer.now()
                 focus_adv[sl] = lesion_focus(
-                    grad_cam(model, best_x, batch_size=batch_size), masks[sl]
+                    grad_cam(model, best_x, batch_size=batch_size), _masks(dataset, sl)
                 ).cpu()
                 timer.add("gradcam", t)
         worst_probs[eps] = probs_e
@@ -439,7 +446,7 @@ def _evaluate(
     timer.add("checks", t)
 
     focus: dict[str, Any] | None = None
-    if masks is not None:
+    if masks:
         clean_mean, clean_empty = _nanmean(focus_clean)
         adv_mean, adv_empty = _nanmean(focus_adv) if adv_cam_eps is not None else (None, 0)
         focus = {
