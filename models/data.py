@@ -1,13 +1,15 @@
-"""Datasets: HAM10000 as shipped, class-per-folder, and a generated set for tests and demos.
+"""Datasets of a run: the split manifest, and images read from disk as training needs them.
 
-Every dataset returns ``(image, label, index)``: DPAAT keeps one perturbation radius per training
-sample and needs a stable index. Images are decoded and resized once, kept in memory as uint8
-(8,924 images at 64 px are ~110 MB), and returned as float tensors in [0, 1].
+The layouts on disk (HAM10000, ISIC 2019/2020, class folders) are read by :mod:`models.formats`.
+Images on disk are streamed: decoded and resized per item, in DataLoader worker processes, with a
+bounded cache of decoded images (:mod:`models.streaming`), so memory does not grow with the
+dataset. Generated data (tests, the demo) has no files and lives in memory. Every dataset returns
+``(image as uint8, label, index)``: DPAAT keeps one perturbation radius per training sample and
+needs a stable index.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -17,42 +19,47 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-HAM10000_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from models.formats import (
+    HAM10000_CLASSES,
+    IMAGE_SUFFIXES,
+    DataError,
+    Sample,
+    SampleList,
+    load_class_folders,
+    load_samples,
+)
+from models.streaming import (
+    FileImageDataset,
+    ImageDataset,
+    TensorImageDataset,
+    cache_bytes_setting,
+    load_image,
+    load_mask,
+    tensor_dataset,
+    to_float,
+)
+
+__all__ = [
+    "HAM10000_CLASSES",
+    "IMAGE_SUFFIXES",
+    "DataError",
+    "FileImageDataset",
+    "ImageDataset",
+    "Sample",
+    "SampleList",
+    "TensorImageDataset",
+    "load_class_folders",
+    "load_image",
+    "load_mask",
+    "load_samples",
+    "tensor_dataset",
+    "to_float",
+]
+
 # Where the shared copy lives relative to a checkout; overridable by DPAAT_DATA_ROOT.
 DEFAULT_DATA_ENV = "DPAAT_DATA_ROOT"
-
-
-class DataError(ValueError):
-    """A dataset on disk is missing, malformed or inconsistent."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One labelled image on disk."""
-
-    image: str
-    label: int
-    group: str  # lesion_id for HAM10000; the file stem elsewhere (no grouping)
-    mask: str | None = None
-
-
-@dataclass
-class SampleList:
-    """All samples of a dataset and its class names."""
-
-    samples: list[Sample]
-    classes: tuple[str, ...]
-    name: str = "dataset"
-
-    def counts(self) -> dict[str, int]:
-        c = Counter(s.label for s in self.samples)
-        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
 
 
 def default_data_root() -> Path | None:
@@ -65,90 +72,6 @@ def default_data_root() -> Path | None:
         if c.is_dir():
             return c
     return None
-
-
-def files_by_lower_name(folder: Path) -> dict[str, Path]:
-    """The files of ``folder`` by lower-cased name (empty when there is no such folder)."""
-    if not folder.is_dir():
-        return {}
-    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def load_ham10000(root: str | Path) -> SampleList:
-    """HAM10000 layout: ``labels.csv`` (or ``HAM10000_metadata.csv``), ``images/``, ``masks/``
-    (optional)."""
-    root = Path(root)
-    csv_path = next(
-        (root / n for n in ("labels.csv", "HAM10000_metadata.csv") if (root / n).is_file()), None
-    )
-    if csv_path is None:
-        raise DataError(f"{root}: no labels.csv or HAM10000_metadata.csv")
-    image_dir = root / "images" if (root / "images").is_dir() else root
-    mask_dir = root / "masks"
-    index = {s: i for i, s in enumerate(HAM10000_CLASSES)}
-    samples: list[Sample] = []
-    # File names matched case-insensitively (cameras and Windows write ISIC_0024306.JPG).
-    images = files_by_lower_name(image_dir)
-    masks = files_by_lower_name(mask_dir)
-    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing_cols = {"image_id", "dx"} - set(reader.fieldnames or [])
-        if missing_cols:
-            raise DataError(f"{csv_path}: missing columns {sorted(missing_cols)}")
-        for row in reader:
-            dx = row["dx"].strip()
-            if dx not in index:
-                raise DataError(f"{csv_path}: unknown class {dx!r} for {row['image_id']}")
-            image = next(
-                (
-                    images[f"{row['image_id']}{ext}".lower()]
-                    for ext in IMAGE_SUFFIXES
-                    if f"{row['image_id']}{ext}".lower() in images
-                ),
-                None,
-            )
-            if image is None:
-                raise DataError(f"{csv_path}: image {row['image_id']} not found in {image_dir}")
-            mask = masks.get(f"{row['image_id']}_segmentation.png".lower())
-            samples.append(
-                Sample(
-                    image=str(image),
-                    label=index[dx],
-                    group=(row.get("lesion_id") or row["image_id"]).strip(),
-                    mask=str(mask) if mask is not None else None,
-                )
-            )
-    if not samples:
-        raise DataError(f"{csv_path}: no rows")
-    return SampleList(samples, HAM10000_CLASSES, name="ham10000")
-
-
-def load_class_folders(root: str | Path) -> SampleList:
-    """Plain layout: ``root/<class name>/<image>``; classes sorted by name."""
-    root = Path(root)
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    if not classes:
-        raise DataError(f"{root}: no class folders")
-    samples = [
-        Sample(image=str(p), label=i, group=f"{name}/{p.stem}")
-        for i, name in enumerate(classes)
-        for p in sorted((root / name).iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not samples:
-        raise DataError(f"{root}: no images in the class folders")
-    return SampleList(samples, classes, name=root.name)
-
-
-def load_samples(root: str | Path) -> SampleList:
-    """Either layout, detected from what is on disk."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data path {root} is not a directory")
-    if (root / "labels.csv").is_file() or (root / "HAM10000_metadata.csv").is_file():
-        return load_ham10000(root)
-    return load_class_folders(root)
 
 
 # --------------------------------------------------------------------------- split manifest
@@ -299,75 +222,7 @@ def subsample(samples: list[Sample], limit: int | None, seed: int = 0) -> list[S
     return out[:limit]
 
 
-# --------------------------------------------------------------------------- tensors
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """An RGB image file as a uint8 tensor (3, size, size)."""
-    try:
-        with Image.open(path) as src:
-            im = src.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def load_mask(path: str | Path, size: int) -> torch.Tensor:
-    """A lesion mask as a bool tensor (size, size), thresholded at 128."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR))
-    return torch.from_numpy(arr >= 128)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255.0)
-
-
-class TensorImageDataset(Dataset):
-    """Images held in memory as uint8; returns ``(image in [0,1], label, index)``."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        classes: Sequence[str],
-        masks: torch.Tensor | None = None,
-        names: list[str] | None = None,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("images must be a uint8 tensor (N, C, H, W)")
-        self.images = images
-        self.labels = labels.long()
-        self.classes = tuple(classes)
-        self.masks = masks  # (N, H, W) bool, or None when the dataset has no masks
-        self.names = names or [str(i) for i in range(len(images))]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return to_float(self.images[i]), int(self.labels[i]), i
-
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
-
-    def class_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
-
-
-def tensor_dataset(
-    samples: Sequence[Sample], classes: Sequence[str], size: int
-) -> TensorImageDataset:
-    """Decode and resize every image once."""
-    images = torch.stack([load_image(s.image, size) for s in samples]) if samples else None
-    if images is None:
-        raise DataError("empty dataset")
-    has_masks = all(s.mask for s in samples)
-    masks = torch.stack([load_mask(s.mask, size) for s in samples if s.mask]) if has_masks else None
-    labels = torch.tensor([s.label for s in samples])
-    return TensorImageDataset(images, labels, classes, masks, [Path(s.image).name for s in samples])
-
-
+# --------------------------------------------------------------------------- datasets
 def synthetic_dataset(
     n: int = 256, size: int = 32, num_classes: int = 3, seed: int = 0
 ) -> TensorImageDataset:
@@ -410,9 +265,9 @@ def synthetic_dataset(
 class DataBundle:
     """Train/val/test datasets of one run plus where they came from (for the report)."""
 
-    train: TensorImageDataset
-    val: TensorImageDataset
-    test: TensorImageDataset
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     classes: tuple[str, ...]
     name: str
     manifest_sha256: str
@@ -427,6 +282,7 @@ def load_bundle(
     seed: int = 0,
     limit: int | None = None,
     parts: Sequence[str] = ("train", "val", "test"),
+    cache_bytes: int | None = None,
 ) -> DataBundle:
     """The datasets of a run.
 
@@ -434,6 +290,8 @@ def load_bundle(
     Otherwise the split manifest at ``manifest_path`` is reused when it exists and written there
     when it does not. ``limit`` caps each part (class-stratified) for quick CPU runs; it applies
     after the split, so the test set of a limited run is a subset of the full test set.
+    Images on disk are streamed; the parts share ``cache_bytes`` of decoded-image cache (default
+    ``DPAAT_DATA_CACHE_MB``) in proportion to their sizes.
     """
     if data_root is None:
         n = limit or 240
@@ -465,16 +323,15 @@ def load_bundle(
         m = build_manifest(data, seed=seed)
         if manifest_path is not None:
             write_manifest(m, manifest_path)
-    empty = TensorImageDataset(
-        torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(0), data.classes
-    )
-    sets = {
-        part: tensor_dataset(
-            subsample(select(data, m, part), limit, seed), data.classes, image_size
-        )
-        if part in parts
-        else empty
+    chosen = {
+        part: subsample(select(data, m, part), limit, seed) if part in parts else []
         for part in ("train", "val", "test")
+    }
+    budget = cache_bytes_setting() if cache_bytes is None else cache_bytes
+    total = max(1, sum(len(v) for v in chosen.values()))
+    sets = {
+        part: FileImageDataset(v, data.classes, image_size, budget * len(v) // total)
+        for part, v in chosen.items()
     }
     return DataBundle(
         sets["train"],

@@ -464,7 +464,8 @@ def _claim_dir(path: Path, unit: Unit, digest: str, log: Log) -> None:
 
 
 def _load_data(ctx: _Context) -> None:
-    """Decode the datasets once per experiment: every unit trains on the same tensors."""
+    """Load the datasets once per experiment: every unit reads the same images (and shares
+    their decoded-image cache)."""
     if ctx.bundle is not None:
         return
     from models.data import load_bundle
@@ -623,13 +624,9 @@ def _reference_test(ctx: _Context, limit: int | None) -> Any:
     """The reference evaluation's images: a class-stratified subset of the same test images."""
     if limit is None or limit >= len(ctx.test):
         return ctx.test
-    from models.data import TensorImageDataset
     from models.training.validation import stratified_subset
 
-    t = ctx.test
-    idx = stratified_subset(t.labels, limit)
-    masks = None if t.masks is None else t.masks[idx]
-    return TensorImageDataset(t.images[idx], t.labels[idx], t.classes, masks)
+    return ctx.test.subset(stratified_subset(ctx.test.labels, limit))
 
 
 def code_fingerprint() -> str:
@@ -637,7 +634,7 @@ def code_fingerprint() -> str:
     recorded with each result, not part of the settings hash, so the page can flag results made
     by different code."""
     root = Path(__file__).resolve().parent
-    files = [root / "data.py", root / "nets.py"]
+    files = [root / n for n in ("data.py", "formats.py", "streaming.py", "nets.py")]
     for sub in ("attacks", "training", "evaluation"):
         files += sorted((root / sub).glob("*.py"))
     h = hashlib.sha256()

@@ -510,9 +510,9 @@ def plot_gradcam_montage(
         if hits and len(order) < n_images:
             order.append(hits[0])
     order += [i for i in range(len(test)) if i not in order][: n_images - len(order)]
-    x = test.images[order].float() / 255
+    x = test.images_at(order).float() / 255
     y = test.labels[order]
-    masks = test.masks[order] if test.masks is not None else None
+    masks = test.masks_at(order)
 
     rows = [n for n in names if n in checkpoints]
     fig, axes = plt.subplots(

@@ -623,7 +623,7 @@ def test_markdown_handles_missing_values(evaluated) -> None:
 def test_real_data_report_with_masks(ham_root: Path, tmp_path: Path) -> None:
     bundle = load_bundle(ham_root, 32, tmp_path / "manifest.json", limit=100, parts=("test",))
     test = bundle.test
-    assert test.masks is not None and len(test) == 100
+    assert test.has_masks and len(test) == 100
     torch.manual_seed(0)
     model = build_model("small_cnn", len(bundle.classes)).eval()
     report = evaluate_model(
@@ -644,7 +644,8 @@ def test_real_data_report_with_masks(ham_root: Path, tmp_path: Path) -> None:
     for key in ("clean", "adversarial"):
         assert isinstance(lf[key], float) and 0.0 <= lf[key] <= 1.0
     # recomputed from the real masks directly
-    focus = lesion_focus(grad_cam(model, to_float(test.images)), test.masks)
+    x, masks = to_float(test.images_at(slice(None))), test.masks_at(slice(None))
+    focus = lesion_focus(grad_cam(model, x), masks)
     assert lf["clean"] == pytest.approx(float(focus.nanmean()), abs=1e-5)
     assert report["dataset"]["name"] == "ham10000" and report["dataset"]["has_masks"]
     assert len(report["dataset"]["manifest_sha256"]) == 64

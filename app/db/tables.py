@@ -119,7 +119,8 @@ class Dataset(Base):
     owner: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(String(16))  # upload | registered
-    layout: Mapped[str] = mapped_column(String(16))  # ham10000 | class_folders
+    # ham10000 | isic2019 | isic2020 | class_folders
+    layout: Mapped[str] = mapped_column(String(16))
     # upload: an artifact URI of the extracted directory; registered: an absolute server path.
     root: Mapped[str] = mapped_column(String(1000))
     manifest_uri: Mapped[str] = mapped_column(String(1000))  # the split every run reuses

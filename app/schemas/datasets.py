@@ -58,7 +58,7 @@ class DatasetOut(ORMModel):
     id: str
     name: str
     source: Literal["upload", "registered"]
-    layout: Literal["ham10000", "class_folders"]
+    layout: Literal["ham10000", "isic2019", "isic2020", "class_folders"]
     classes: list[str]
     class_counts: dict[str, int]
     num_samples: int

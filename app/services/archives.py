@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.services.errors import Invalid, TooLarge, UnsupportedMedia
+from models.formats import LABEL_FILES
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
@@ -146,9 +147,6 @@ def safe_extract(archive: Path, dest: Path, *, max_entries: int, max_bytes: int)
     return budget.bytes
 
 
-_LABEL_FILES = ("labels.csv", "HAM10000_metadata.csv")
-
-
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".") and path.name not in _JUNK_DIRS
 
@@ -159,7 +157,7 @@ def dataset_root(extracted: Path, max_depth: int = 8) -> Path:
     single wrapping folders are unwrapped down to the class folders."""
     labels = [
         p
-        for name in _LABEL_FILES
+        for name in LABEL_FILES
         for p in extracted.rglob(name)
         if p.is_file() and all(_visible(Path(part)) for part in p.relative_to(extracted).parts)
     ]
@@ -169,7 +167,8 @@ def dataset_root(extracted: Path, max_depth: int = 8) -> Path:
     root = extracted
     for _ in range(max_depth):
         children = [c for c in root.iterdir() if _visible(c)]
-        if (root / "labels.csv").is_file() or len(children) != 1 or not children[0].is_dir():
+        labelled = any((root / n).is_file() for n in LABEL_FILES)
+        if labelled or len(children) != 1 or not children[0].is_dir():
             break
         inner = children[0]
         # A single folder of images is one class, not a wrapper: stop when it has no subfolders

@@ -1,15 +1,13 @@
 """Datasets: upload an archive or register a server directory, validate, count, list, delete.
 
-Validation reads the layout with ``models.data.load_samples`` (imported on first use: it brings
-torch, which the web process does not load at start). Each dataset gets its split manifest at
-creation, so every training and evaluation job on it uses the same lesion-grouped split.
+Validation reads the layout (``models.formats``: HAM10000, ISIC 2019/2020, class folders) with
+``models.data.load_samples`` (imported on first use: it brings torch, which the web process does
+not load at start). Each dataset gets its split manifest at creation, so every training and
+evaluation job on it uses the same lesion- or patient-grouped split.
 """
 
 from __future__ import annotations
 
-import csv
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,71 +19,16 @@ from app.db.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 from app.services import archives, images
 from app.services.errors import Conflict, Invalid, NotFound, ServiceError
 from app.services.storage import SCHEME, Storage, copy_stream
+from models.formats import KEPT_FILES, LabelFileError
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-_LABEL_FILES = ("labels.csv", "HAM10000_metadata.csv")  # the order models.data looks for them
-_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_EXAMPLES = 5  # problems listed per kind in a report
-
-
-def check_labels(root: Path) -> None:
-    """Validate a HAM10000-layout labels file as a whole; ``Invalid`` with a report of every
-    rejected row (by kind: unknown class, missing image, duplicate image_id, bad image_id).
-
-    All or nothing: a dataset silently missing some rows would change its split and results."""
-    from models.data import HAM10000_CLASSES, IMAGE_SUFFIXES
-
-    csv_path = next((root / n for n in _LABEL_FILES if (root / n).is_file()), None)
-    if csv_path is None:
-        return
-    image_dir = root / "images" if (root / "images").is_dir() else root
-    present = {p.name.lower() for p in image_dir.iterdir() if p.is_file()}  # .JPG is a .jpg
-    problems: dict[str, list[str]] = defaultdict(list)
-    first_row: dict[str, int] = {}
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
-            reader = csv.DictReader(f)
-            missing_cols = {"image_id", "dx"} - set(reader.fieldnames or [])
-            if missing_cols:
-                raise Invalid(
-                    f"not a dataset: {csv_path.name}: missing columns {sorted(missing_cols)}"
-                )
-            for line, row in enumerate(reader, start=2):
-                image_id, dx = (row.get("image_id") or "").strip(), (row.get("dx") or "").strip()
-                if not _IMAGE_ID.match(image_id):
-                    problems["bad image_id"].append(f"line {line} {image_id[:40]!r}")
-                    continue
-                if image_id in first_row:
-                    problems["duplicate image_id"].append(
-                        f"line {line} {image_id} (first on line {first_row[image_id]})"
-                    )
-                    continue
-                first_row[image_id] = line
-                if dx not in HAM10000_CLASSES:
-                    problems["unknown class"].append(f"line {line} {image_id}: {dx[:40]!r}")
-                if not any(f"{image_id}{ext}".lower() in present for ext in IMAGE_SUFFIXES):
-                    problems["missing image"].append(f"line {line} {image_id}")
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise Invalid(f"not a dataset: {csv_path.name} is not a readable CSV file: {e}") from e
-    if problems:
-        rows = {item.split()[1] for items in problems.values() for item in items}
-        parts = [
-            f"{kind} ({len(items)}): {', '.join(items[:_EXAMPLES])}"
-            + (f", ... {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
-            for kind, items in sorted(problems.items())
-        ]
-        raise Invalid(
-            f"{csv_path.name}: {len(rows)} row(s) rejected, nothing was stored; "
-            + "; ".join(parts)
-            + f"; allowed classes: {', '.join(HAM10000_CLASSES)}"
-        )
 
 
 def _reencode(root: Path, data: Any, settings: Settings, top: Path) -> None:
     """Rewrite every image and mask of an uploaded dataset without its metadata (decoded under
     the pixel limit), then delete every other file under ``top`` (the extracted archive) except
     the labels: what is stored is exactly what was validated."""
-    keep = {root / n for n in _LABEL_FILES}
+    keep = {root / n for n in KEPT_FILES}
     for s in data.samples:
         for name in (s.image, s.mask):
             if name is None:
@@ -113,9 +56,12 @@ def _describe(
     ``_reencode``; a registered directory is only read."""
     from models.data import DataError, build_manifest, load_samples
 
-    check_labels(root)
     try:
         data = load_samples(root)
+    except LabelFileError as e:  # the label file is read as a whole: every rejected row listed
+        raise Invalid(
+            f"{e.file}: {e.rejected} row(s) rejected, nothing was stored; {e.details}"
+        ) from e
     except DataError as e:
         raise Invalid(f"not a dataset: {_relative(e, root)}") from e
     counts = data.counts()
@@ -132,7 +78,7 @@ def _describe(
     if upload_dir is not None and settings is not None:
         _reencode(root, data, settings, upload_dir)
     return {
-        "layout": "ham10000" if (root / "labels.csv").is_file() else "class_folders",
+        "layout": data.format,
         "classes": list(data.classes),
         "class_counts": counts,
         "num_samples": len(data.samples),

@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from models.attacks import Attack, make_attack, per_sample_ce
-from models.data import TensorImageDataset
+from models.data import ImageDataset
 from models.evaluation import checks as ck
 from models.evaluation.gradcam import cam_unavailable, grad_cam, lesion_focus
 from models.evaluation.metrics import classification_metrics, wilson
@@ -209,7 +209,7 @@ def curve_auc(points: Sequence[tuple[float, float]]) -> float | None:
 
 def evaluate_model(
     model: nn.Module,
-    dataset: TensorImageDataset,
+    dataset: ImageDataset,
     *,
     eps_list: Sequence[float] = DEFAULT_EPS,
     attacks: Sequence[Mapping[str, Any]] = DEFAULT_ATTACKS,
@@ -271,9 +271,15 @@ def evaluate_model(
     return report
 
 
+def _masks(dataset: ImageDataset, sl: slice) -> torch.Tensor:
+    found = dataset.masks_at(sl)
+    assert found is not None  # only called when the dataset has masks
+    return found
+
+
 def _evaluate(
     model: nn.Module,
-    dataset: TensorImageDataset,
+    dataset: ImageDataset,
     eps_sorted: list[float],
     attack_specs: Sequence[Mapping[str, Any]],
     batch_size: int,
@@ -298,11 +304,12 @@ def _evaluate(
     chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     def chunk(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return dataset.images[sl].to(device).float().div_(255.0), labels[sl].to(device)
+        return dataset.images_at(sl).to(device).float().div_(255.0), labels[sl].to(device)
 
     # a model without a spatial feature map (a ViT) gets lesion_focus null and the reason
     no_cam = cam_unavailable(model, chunk(slice(0, 1))[0]) if gradcam and n else None
-    masks = dataset.masks if gradcam and no_cam is None else None
+    # lesion masks are read per chunk (streamed data: never all in memory at once)
+    masks = gradcam and no_cam is None and dataset.has_masks
 
     labels_list = _labels(attack_specs)
     attacks = {
@@ -319,9 +326,11 @@ def _evaluate(
     report_progress("clean", 0.0)
     logits = torch.empty(n, k)
     focus_clean = torch.full((n,), float("nan"))
-    for i, sl in enumerate(chunks):
+    # the first pass reads through the dataset's loader (streamed data: decoded by its workers)
+    parts = [torch.arange(sl.start, sl.stop) for sl in chunks]
+    for i, (sl, images) in enumerate(zip(chunks, dataset.batches(parts), strict=True)):
         t = timer.now()
-        x, _ = chunk(sl)
+        x = images.to(device).float().div_(255.0)
         with torch.no_grad():
             out = model(x).float()
         if out.shape != (len(x), k):
@@ -330,9 +339,9 @@ def _evaluate(
             )
         logits[sl] = out.cpu()
         t = timer.add("clean", t)
-        if masks is not None:
+        if masks:
             focus_clean[sl] = lesion_focus(
-                grad_cam(model, x, batch_size=batch_size), masks[sl]
+                grad_cam(model, x, batch_size=batch_size), _masks(dataset, sl)
             ).cpu()
             timer.add("gradcam", t)
         report_progress("clean", _CLEAN * (i + 1) / len(chunks))
@@ -369,7 +378,7 @@ def _evaluate(
                 model, {lbl: attacks[lbl] for lbl in order}, x, y, eps,
                 clean_correct[sl].to(device), clean_loss[sl].to(device),
                 clean_probs[sl].to(device), cascade,
-                keep_x=eps == adv_cam_eps and masks is not None, timer=timer,
+                keep_x=eps == adv_cam_eps and masks, timer=timer,
             )  # fmt: skip
             for lbl in order:
                 fooled[eps][lbl][sl] = wc.fooled[lbl].cpu()
@@ -381,10 +390,10 @@ def _evaluate(
             done += len(order)
             report_progress("attacks", _CLEAN + _ATTACKS * done / units)
             probs_e[sl] = best_probs.cpu()
-            if best_x is not None and masks is not None:
+            if best_x is not None and masks:
                 t = timer.now()
                 focus_adv[sl] = lesion_focus(
-                    grad_cam(model, best_x, batch_size=batch_size), masks[sl]
+                    grad_cam(model, best_x, batch_size=batch_size), _masks(dataset, sl)
                 ).cpu()
                 timer.add("gradcam", t)
         worst_probs[eps] = probs_e
@@ -412,7 +421,7 @@ def _evaluate(
     report_progress("checks", _CLEAN + _ATTACKS)
     t = timer.now()
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, check_samples)]
-    xs, ys = dataset.images[pick].to(device).float().div_(255.0), labels[pick].to(device)
+    xs, ys = dataset.images_at(pick).to(device).float().div_(255.0), labels[pick].to(device)
     per_attack_curves = {
         lbl: {eps: robust[eps_key(eps)]["per_attack"][lbl]["accuracy"] for eps in eps_sorted}
         for lbl in order
@@ -437,7 +446,7 @@ def _evaluate(
     timer.add("checks", t)
 
     focus: dict[str, Any] | None = None
-    if masks is not None:
+    if masks:
         clean_mean, clean_empty = _nanmean(focus_clean)
         adv_mean, adv_empty = _nanmean(focus_adv) if adv_cam_eps is not None else (None, 0)
         focus = {
@@ -477,7 +486,7 @@ def _evaluate(
             "samples": n,
             "class_counts": dict(zip(classes, dataset.class_counts(), strict=True)),
             "image_size": dataset.image_size,
-            "has_masks": dataset.masks is not None,
+            "has_masks": dataset.has_masks,
         },
         "threat_model": {
             "norm": norm,

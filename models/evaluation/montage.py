@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attacks.base import attack_mode
-from models.data import TensorImageDataset
+from models.data import ImageDataset
 from models.evaluation.evaluate import build_attack
 from models.evaluation.gradcam import grad_cam
 from models.plots import draw_montage
@@ -70,7 +70,7 @@ def _worst_case(
 
 def write_montage(
     model: nn.Module,
-    dataset: TensorImageDataset,
+    dataset: ImageDataset,
     attacks: Sequence[Mapping[str, Any]],
     eps_list: Sequence[float],
     path: str | Path,
@@ -85,9 +85,10 @@ def write_montage(
     classes = list(dataset.classes)
     order = pick_images(dataset.labels, classes, n_images)
     device = next(model.parameters()).device
-    x = (dataset.images[order].float() / 255).to(device)
+    x = (dataset.images_at(order).float() / 255).to(device)
     y = dataset.labels[order].to(device)
-    masks = dataset.masks[order].numpy() if dataset.masks is not None else None
+    found = dataset.masks_at(order)
+    masks = found.numpy() if found is not None else None
     rows = []
     # seeded like the evaluation (random starts), and eval mode with frozen parameters throughout
     with torch.random.fork_rng(devices=[]), attack_mode(model):

@@ -29,8 +29,9 @@ from torch import nn
 from tqdm import tqdm
 
 from models.attacks import per_sample_ce
-from models.data import DataBundle, DataError, TensorImageDataset, load_bundle, to_float
+from models.data import DataBundle, DataError, ImageDataset, load_bundle, to_float
 from models.nets import Classifier
+from models.streaming import sequential_parts
 from models.training import batching, dpaat, validation
 from models.training.checkpoint import (
     FORMAT,
@@ -103,7 +104,7 @@ def show_progress() -> bool:
 @torch.no_grad()
 def clean_metrics(
     model: nn.Module,
-    data: TensorImageDataset,
+    data: ImageDataset,
     device: torch.device,
     autocast: bool,
     channels_last: bool,
@@ -114,9 +115,10 @@ def clean_metrics(
     was_training = model.training
     model.eval()
     preds, losses = [], []
-    for s in range(0, len(data), EVAL_BATCH):
-        x = prepare(data.images[s : s + EVAL_BATCH].to(device), channels_last)
-        y = data.labels[s : s + EVAL_BATCH].to(device)
+    parts = sequential_parts(len(data), EVAL_BATCH)
+    for idx, images in zip(parts, data.batches(parts), strict=True):
+        x = prepare(images.to(device), channels_last)
+        y = data.labels[idx].to(device)
         with autocast_context(device, autocast):
             logits = model(x)
         preds.append(logits.argmax(1).cpu())
@@ -147,7 +149,7 @@ def prepare(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def reference_tau(
     model: nn.Module,
-    data: TensorImageDataset,
+    data: ImageDataset,
     z: float,
     device: torch.device,
     statistic: str = "median_mad",
@@ -158,10 +160,11 @@ def reference_tau(
     part). Returns (tau, count)."""
     model.to(device).eval()
     kept = []
+    parts = sequential_parts(len(data), EVAL_BATCH)
     with torch.no_grad():
-        for s in range(0, len(data), EVAL_BATCH):
-            x = to_float(data.images[s : s + EVAL_BATCH].to(device))
-            y = data.labels[s : s + EVAL_BATCH].to(device)
+        for idx, images in zip(parts, data.batches(parts), strict=True):
+            x = to_float(images.to(device))
+            y = data.labels[idx].to(device)
             logits = model(x)
             kept.append(per_sample_ce(logits, y)[logits.argmax(1) == y].cpu())
     losses = torch.cat(kept) if kept else torch.zeros(0)
@@ -339,10 +342,11 @@ class Run:
             leave=False,
         )
         try:
-            for step, idx in enumerate(parts, 1):
+            # the batches are read (decoded by DataLoader workers) in the order drawn above
+            for step, (idx, batch) in enumerate(zip(parts, train.batches(parts), strict=True), 1):
                 if hooks.should_stop():
                     return False
-                images = train.images[idx].to(device)
+                images = batch.to(device)
                 if cfg.augment:
                     images = batching.augment(images, aug_gen)
                 x = prepare(images, cfg.channels_last)

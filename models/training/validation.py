@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.attacks import PGD
-from models.data import TensorImageDataset, to_float
+from models.data import ImageDataset, to_float
 
 # the criteria a run can keep its best checkpoint by; "auto" picks val_bacc for `standard` and
 # robust_val_bacc for the adversarial methods
@@ -50,7 +50,7 @@ def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 def robust_metrics(
     model: nn.Module,
-    data: TensorImageDataset,
+    data: ImageDataset,
     idx: torch.Tensor,
     eps: float,
     steps: int,
@@ -62,7 +62,7 @@ def robust_metrics(
     if len(idx) == 0 or eps <= 0:
         return {"robust_val_acc": None, "robust_val_bacc": None}
     attack = PGD(model, steps=steps, seed=0, batch_size=batch_size)
-    x = to_float(data.images[idx]).to(device)
+    x = to_float(data.images_at(idx)).to(device)
     y = data.labels[idx].to(device)
     adv = attack(x, y, eps / 255.0)
     was_training = model.training

@@ -40,14 +40,15 @@ def upload_dataset(
     file: Annotated[
         UploadFile,
         File(
-            description="A .zip or .tar.gz: HAM10000 layout (labels.csv + images/ [+ masks/]) "
-            "or one folder per class."
+            description="A .zip or .tar.gz: HAM10000, ISIC 2019 or ISIC 2020 label file + "
+            "images (+ masks/), or one folder per class (docs/datasets.md)."
         ),
     ],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> DatasetOut:
     """Extract the archive safely into the artifact store, validate the layout, count the
-    images per class and fix the lesion-grouped split every job on the dataset will use."""
+    images per class and fix the lesion- or patient-grouped split every job on the dataset will
+    use."""
     row = datasets.create_from_archive(
         session,
         store,
