@@ -19,7 +19,6 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.services.errors import Invalid, TooLarge, UnsupportedMedia
-from models.formats import LABEL_FILES
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
@@ -155,6 +154,8 @@ def dataset_root(extracted: Path, max_depth: int = 8) -> Path:
     """The folder holding the dataset: archives often wrap everything in one or more top folders
     (and macOS adds ``__MACOSX``). A single labels file anywhere marks its folder; otherwise
     single wrapping folders are unwrapped down to the class folders."""
+    from models.formats import LABEL_FILES  # only on an upload: the web process starts without it
+
     labels = [
         p
         for name in LABEL_FILES

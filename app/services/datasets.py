@@ -19,7 +19,6 @@ from app.db.tables import ACTIVE_STATUSES, Dataset, Job, new_id
 from app.services import archives, images
 from app.services.errors import Conflict, Invalid, NotFound, ServiceError
 from app.services.storage import SCHEME, Storage, copy_stream
-from models.formats import KEPT_FILES, LabelFileError
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
@@ -28,6 +27,8 @@ def _reencode(root: Path, data: Any, settings: Settings, top: Path) -> None:
     """Rewrite every image and mask of an uploaded dataset without its metadata (decoded under
     the pixel limit), then delete every other file under ``top`` (the extracted archive) except
     the labels: what is stored is exactly what was validated."""
+    from models.formats import KEPT_FILES  # only on an upload: the web process starts without it
+
     keep = {root / n for n in KEPT_FILES}
     for s in data.samples:
         for name in (s.image, s.mask):
@@ -55,6 +56,7 @@ def _describe(
     For an upload (``upload_dir``: the extracted archive) the files are rewritten by
     ``_reencode``; a registered directory is only read."""
     from models.data import DataError, build_manifest, load_samples
+    from models.formats import LabelFileError
 
     try:
         data = load_samples(root)
