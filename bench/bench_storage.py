@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from s3_support import moto_server  # noqa: E402
 
-from app.core.settings import Settings  # noqa: E402
 from app.services.storage import ArtifactStore, Storage, open_store  # noqa: E402
 from models.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from worker.job_files import JobFiles  # noqa: E402
@@ -96,18 +95,7 @@ def main() -> None:
         tmp = Path(d)
         with moto_server(tmp / "moto.log") as server:
             bucket = server.new_bucket()
-            env = server.env(bucket)
-            s3 = open_store(
-                Settings(
-                    artifacts=env["DPAAT_ARTIFACTS"],
-                    s3_endpoint_url=env["DPAAT_S3_ENDPOINT_URL"],
-                    s3_region=env["DPAAT_S3_REGION"],
-                    s3_access_key_id=env["DPAAT_S3_ACCESS_KEY_ID"],
-                    s3_secret_access_key=env["DPAAT_S3_SECRET_ACCESS_KEY"],
-                    cache_dir=tmp / "cache",
-                    scratch_dir=tmp / "scratch",
-                )
-            )
+            s3 = open_store(server.settings(bucket, tmp))
             local = ArtifactStore(tmp / "artifacts")
             size = 0
             times: dict[str, list[tuple[float, float]]] = {"local": [], "s3": []}

@@ -60,6 +60,22 @@ class S3Server:
             "DPAAT_S3_SECRET_ACCESS_KEY": SECRET_KEY,
         }
 
+    def settings(self, bucket: str, tmp: Path, cache_mb: int = 64) -> Any:
+        """The ``Settings`` of one host on ``bucket`` (its cache and scratch under ``tmp``)."""
+        from app.core.settings import Settings
+
+        env = self.env(bucket)
+        return Settings(
+            artifacts=env["DPAAT_ARTIFACTS"],
+            s3_endpoint_url=env["DPAAT_S3_ENDPOINT_URL"],
+            s3_region=env["DPAAT_S3_REGION"],
+            s3_access_key_id=env["DPAAT_S3_ACCESS_KEY_ID"],
+            s3_secret_access_key=env["DPAAT_S3_SECRET_ACCESS_KEY"],
+            cache_dir=tmp / "cache",
+            cache_max_mb=cache_mb,
+            scratch_dir=tmp / "scratch",
+        )
+
     def objects(self, bucket: str) -> dict[str, int]:
         """Every key in the bucket and its size."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)

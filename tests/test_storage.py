@@ -34,27 +34,13 @@ from app.services.storage_s3 import S3Store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _s3_settings(server: S3Server, bucket: str, tmp: Path, cache_mb: int = 64) -> Settings:
-    env = server.env(bucket)
-    return Settings(
-        artifacts=env["DPAAT_ARTIFACTS"],
-        s3_endpoint_url=env["DPAAT_S3_ENDPOINT_URL"],
-        s3_region=env["DPAAT_S3_REGION"],
-        s3_access_key_id=env["DPAAT_S3_ACCESS_KEY_ID"],
-        s3_secret_access_key=env["DPAAT_S3_SECRET_ACCESS_KEY"],
-        cache_dir=tmp / "cache",
-        cache_max_mb=cache_mb,
-        scratch_dir=tmp / "scratch",
-    )
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "local":
         yield ArtifactStore(tmp_path / "artifacts")
         return
     server: S3Server = request.getfixturevalue("s3_server")
-    store = open_store(_s3_settings(server, server.new_bucket(), tmp_path))
+    store = open_store(server.settings(server.new_bucket(), tmp_path))
     assert isinstance(store, S3Store)
     yield store
 
@@ -165,8 +151,8 @@ def test_job_dir_is_local(store: Storage) -> None:
 # ============================================================================ S3 specifics
 def test_s3_reads_are_cached_by_sha256_and_verified(s3_server: S3Server, tmp_path: Path) -> None:
     bucket = s3_server.new_bucket()
-    writer = open_store(_s3_settings(s3_server, bucket, tmp_path / "a"))
-    reader = open_store(_s3_settings(s3_server, bucket, tmp_path / "b"))  # another host
+    writer = open_store(s3_server.settings(bucket, tmp_path / "a"))
+    reader = open_store(s3_server.settings(bucket, tmp_path / "b"))  # another host
     assert isinstance(reader, S3Store)
     ref = writer.put_bytes(os.urandom(1 << 20), ".pt")
     first = reader.local_path(ref.uri, ref.sha256)
@@ -233,7 +219,7 @@ def test_s3_settings_accept_the_standard_aws_names(monkeypatch: pytest.MonkeyPat
 def test_an_upload_that_fails_midway_leaves_the_previous_checkpoint(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
-    store = open_store(_s3_settings(s3_server, s3_server.new_bucket(), tmp_path))
+    store = open_store(s3_server.settings(s3_server.new_bucket(), tmp_path))
     assert isinstance(store, S3Store)
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(os.urandom(1 << 20))
@@ -282,7 +268,7 @@ def test_a_worker_killed_midupload_leaves_no_half_checkpoint(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
     bucket = s3_server.new_bucket()
-    settings = _s3_settings(s3_server, bucket, tmp_path)
+    settings = s3_server.settings(bucket, tmp_path)
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(os.urandom(24 << 20))
     fields = {
@@ -313,8 +299,8 @@ def test_job_files_move_a_run_between_hosts(s3_server: S3Server, tmp_path: Path)
     from worker.job_files import RESUME_FILES, JobFiles
 
     bucket = s3_server.new_bucket()
-    host_a = open_store(_s3_settings(s3_server, bucket, tmp_path / "a"))
-    host_b = open_store(_s3_settings(s3_server, bucket, tmp_path / "b"))
+    host_a = open_store(s3_server.settings(bucket, tmp_path / "a"))
+    host_b = open_store(s3_server.settings(bucket, tmp_path / "b"))
     on_a = JobFiles(host_a, "job1", host_a.job_dir("job1"))
     for name in RESUME_FILES:
         (on_a.folder / name).write_bytes(os.urandom(1000))
