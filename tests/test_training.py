@@ -348,6 +348,10 @@ def test_epoch_order_is_derived_from_seed_and_epoch() -> None:
     torch.testing.assert_close(
         batching.class_weights(labels, 3), torch.tensor([100 / 270, 100 / 30, 0.0])
     )
+    # the square root: the minority still weighs 3x more per sample, not 9x, at the same mean
+    sqrt = batching.class_weights(labels, 3, power=0.5)
+    torch.testing.assert_close(sqrt[1] / sqrt[0], torch.tensor(3.0))
+    torch.testing.assert_close((sqrt[labels]).mean(), torch.tensor(2 / 3))
     assert [len(b) for b in batching.batches(torch.arange(65), 32)] == [32, 33]
 
 

@@ -81,6 +81,9 @@ class TrainHyperParams(BaseModel):
     )
     trades_beta: float = Field(default=6.0, ge=0, le=100)
     class_weights: bool = False
+    class_weight_power: float = Field(
+        default=1.0, gt=0, le=2, description="Exponent of the class weights: 1 = inverse frequency."
+    )
     balanced_sampler: bool = False
     augment: bool = True
     bf16: bool = False

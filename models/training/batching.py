@@ -48,14 +48,16 @@ def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return parts
 
 
-def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_weights(labels: torch.Tensor, num_classes: int, power: float = 1.0) -> torch.Tensor:
     """Inverse-frequency CE weights ``n / (K * n_c)`` (mean weight 1 over the samples); a class
-    absent from training gets weight 0."""
+    absent from training gets weight 0. With ``power`` p they are raised to p and rescaled to the
+    same mean: p = 0.5, the square root, is a milder correction than p = 1."""
     counts = torch.bincount(labels, minlength=num_classes).double()
     w = torch.where(
         counts > 0, len(labels) / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts)
     )
-    return w.float()
+    tempered = w**power
+    return (tempered * (w * counts).sum() / (tempered * counts).sum()).float()
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

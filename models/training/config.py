@@ -68,6 +68,7 @@ class TrainConfig:
     trades_beta: float = 6.0
     reference_checkpoint: str | None = None  # amat_external: tau from this standard model
     class_weights: bool = False  # inverse-frequency CE weights (nv is 2/3 of HAM10000)
+    class_weight_power: float = 1.0  # the weights' exponent: 1 = inverse frequency, 0.5 = sqrt
     balanced_sampler: bool = False
     augment: bool = True  # flips and 90-degree rotations (dermoscopy has no orientation)
     device: str = "auto"  # auto | cpu | cuda
@@ -165,12 +166,13 @@ class TrainConfig:
             "limit must be None or >= 2",
         )
         reals = ("lr", "momentum", "weight_decay", "eps_max", "eps_min", "z", "trades_beta")
-        for name in (*reals, "robust_val_eps"):
+        for name in (*reals, "robust_val_eps", "class_weight_power"):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             need(ok and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0")
         if not errors:
             need(self.lr > 0, "lr must be > 0")
+            need(0 < self.class_weight_power <= 2, "class_weight_power must be in (0, 2]")
             need(
                 self.eps_min <= self.eps_max,
                 f"eps_min ({self.eps_min}) must be <= eps_max ({self.eps_max})",

@@ -211,7 +211,11 @@ class Run:
         self.optimizer = self.make_optimizer()
         self.steps_per_epoch = len(batching.batches(torch.arange(len(train)), cfg.batch_size))
         self.scheduler = self.make_scheduler()
-        weight = batching.class_weights(train.labels, k).to(device) if cfg.class_weights else None
+        weight = (
+            batching.class_weights(train.labels, k, cfg.class_weight_power).to(device)
+            if cfg.class_weights
+            else None
+        )
         tau = None if reference is None else float(reference["tau"])
         self.method: Method = make_method(cfg, len(train), k, weight, tau)
         self.epoch = 0  # epochs completed
