@@ -7,6 +7,7 @@ the commands so that ``dpaat --help`` and the ML commands stay fast.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -112,6 +113,13 @@ def worker(
     max_tasks_per_child: int | None = typer.Option(
         None, min=1, help="Replace the child process after this many tasks (frees GPU memory)."
     ),
+    nice: int = typer.Option(
+        0,
+        min=0,
+        max=19,
+        help="Lower this worker's CPU priority by N (os.nice): a CPU prediction worker on the "
+        "API's host then leaves the API the cores it needs to answer (docs/deployment.md).",
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run a Celery worker for the full deployment (needs BROKER_URL). Training/evaluation
@@ -162,6 +170,8 @@ def worker(
         argv.append(f"--max-tasks-per-child={max_tasks_per_child}")
     if beat:
         argv.append("--beat")
+    if nice:
+        os.nice(nice)  # before the pool starts: its processes and threads inherit it
     celery_app.worker_main(argv)
 
 

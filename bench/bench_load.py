@@ -397,10 +397,15 @@ class Target:
 
 @contextmanager
 def full_stack(
-    workdir: Path, env: dict[str, str], predict_workers: int = 1, root: Path = ROOT
+    workdir: Path,
+    env: dict[str, str],
+    predict_workers: int = 1,
+    root: Path = ROOT,
+    predict_nice: int = 0,
 ) -> Iterator[Target]:
     """The full stack of ``root``'s code with ``predict_workers`` prediction workers (0 for a
-    checkout from before issue 12, which predicts in the API process)."""
+    checkout from before issue 12, which predicts in the API process) at ``dpaat worker --nice
+    predict_nice``."""
     from stack_support import running_stack
 
     pg = os.environ.get(
@@ -408,7 +413,13 @@ def full_stack(
     )
     redis_url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     with running_stack(
-        pg, redis_url, workdir, env=env, predict_workers=predict_workers, root=root
+        pg,
+        redis_url,
+        workdir,
+        env=env,
+        predict_workers=predict_workers,
+        predict_nice=predict_nice,
+        root=root,
     ) as s:
         assert s.api is not None and s.worker is not None
         pids = {"api": s.api.pid, "worker": s.worker.pid}
@@ -459,18 +470,26 @@ def embedded_stack(workdir: Path, extra: dict[str, str]) -> Iterator[Target]:
 
 # ============================================================================ issue 12
 def compare_designs(
-    baseline: Path, levels: list[int], seconds: float, steps: int, env: dict[str, str]
+    baseline: Path,
+    levels: list[int],
+    seconds: float,
+    steps: int,
+    env: dict[str, str],
+    nice: int = 0,
 ) -> list[dict[str, Any]]:
-    """The in-API design (``baseline`` checkout), then 1 and 2 prediction workers: each at
-    every client level, the same model, image and parameters."""
+    """The in-API design (``baseline`` checkout), then 1 and 2 prediction workers (and, with
+    ``nice``, 2 workers at that lower CPU priority): each at every client level, the same model,
+    image and parameters."""
     rows = []
-    designs = [("in-API (baseline)", baseline, 0), ("1 predict worker", ROOT, 1)]
-    designs.append(("2 predict workers", ROOT, 2))
+    designs = [("in-API (baseline)", baseline, 0, 0), ("1 predict worker", ROOT, 1, 0)]
+    designs.append(("2 predict workers", ROOT, 2, 0))
+    if nice:
+        designs.append((f"2 predict workers, nice {nice}", ROOT, 2, nice))
     image, weights = lesion_image(), small_weights()
-    for name, root, workers in designs:
+    for name, root, workers, worker_nice in designs:
         with (
             tempfile.TemporaryDirectory(prefix="dpaat-cmp-") as tmp,
-            full_stack(Path(tmp), env, predict_workers=workers, root=root) as target,
+            full_stack(Path(tmp), env, workers, root, worker_nice) as target,
         ):
             with httpx.Client(headers=target.headers, timeout=300) as http:
                 model_id, job_id = prepare(http, target.base_url, weights)
@@ -515,14 +534,13 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
             f"{r['job_status_server_p50_ms']:>7.0f}ms {r['errors']:>6}"
         )
     by = {(r["design"], r["clients"]): r["predict_rps"] for r in rows}
+    designs = list(dict.fromkeys(r["design"] for r in rows))
     for clients in sorted({r["clients"] for r in rows}):
         base = by.get(("in-API (baseline)", clients)) or float("nan")
-        one = by.get(("1 predict worker", clients), float("nan"))
+        one = by.get(("1 predict worker", clients)) or float("nan")
+        ratios = [f"{d} / in-API = {by[d, clients] / base:.2f}" for d in designs[1:]]
         two = by.get(("2 predict workers", clients), float("nan"))
-        print(
-            f"{clients:>3} clients: 1 worker / in-API = {one / base:.2f}, "
-            f"2 workers / 1 worker = {two / one:.2f}"
-        )
+        print(f"{clients:>3} clients: {', '.join(ratios)}; 2 workers / 1 worker = {two / one:.2f}")
 
 
 def latency_ratio(target: Target, n: int, steps: int) -> dict[str, float]:
@@ -596,6 +614,12 @@ def main() -> int:
     )
     parser.add_argument("--levels", default="1,8,32", help="client counts for --compare")
     parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        help="with --compare: also 2 prediction workers at `dpaat worker --nice N`",
+    )
+    parser.add_argument(
         "--latency", type=int, help="N one-client predictions: HTTP vs direct (no load run)"
     )
     args = parser.parse_args()
@@ -607,7 +631,9 @@ def main() -> int:
     env = dict(item.split("=", 1) for item in args.env)
     if args.compare:
         levels = [int(c) for c in args.levels.split(",")]
-        rows = compare_designs(args.compare, levels, args.seconds, args.steps, env)
+        rows = compare_designs(
+            args.compare, levels, args.seconds, args.steps, env, args.worker_nice
+        )
         print_comparison(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))

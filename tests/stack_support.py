@@ -99,13 +99,15 @@ class Stack:
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
             # Own process group: SIGKILL reaches the prefork children too, like a dead machine.
+            # Not a new session: with the kernel's autogroup scheduling each session gets an equal
+            # CPU share, which would make a worker's --nice meaningless against the API.
             proc = subprocess.Popen(
                 dpaat_command(*args),
                 cwd=self.root,
                 env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,
             )
         return proc, log
 
@@ -149,8 +151,11 @@ class Stack:
         wait_for(ready, 90, "the worker", every=0.3)
         return self.worker
 
-    def start_predict_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """One more prediction worker (threads pool, batching), ready when this returns."""
+    def start_predict_worker(
+        self, env: dict[str, str] | None = None, nice: int = 0
+    ) -> subprocess.Popen[bytes]:
+        """One more prediction worker (threads pool, batching), ready when this returns; ``nice``
+        lowers its CPU priority (``dpaat worker --nice``)."""
         self.predict_workers_started += 1
         name = f"predict{self.predict_workers_started}"
         proc, log = self._spawn(
@@ -160,6 +165,7 @@ class Stack:
             self.env["DPAAT_PREDICT_QUEUE"],
             "--hostname",
             f"{name}@fullstack",
+            *(["--nice", str(nice)] if nice else []),
             env=env,
         )
         self.predict_workers.append(proc)
@@ -259,11 +265,13 @@ def running_stack(
     env: dict[str, str] | None = None,
     *,
     predict_workers: int = 1,
+    predict_nice: int = 0,
     workers: int = 1,
     root: Path = ROOT,
 ) -> Iterator[Stack]:
     """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API,
-    ``workers`` training/evaluation workers and ``predict_workers`` prediction workers; all
+    ``workers`` training/evaluation workers and ``predict_workers`` prediction workers (at CPU
+    priority ``-predict_nice``); all
     stopped and dropped afterwards. ``env`` overrides the processes' variables; ``root`` runs
     the code of another checkout (the benchmark's baseline)."""
     tag = uuid.uuid4().hex[:10]
@@ -325,7 +333,7 @@ def running_stack(
         for _ in range(workers):
             s.start_worker()
         for _ in range(predict_workers):
-            s.start_predict_worker()
+            s.start_predict_worker(nice=predict_nice)
         yield s
     finally:
         s.stop()
