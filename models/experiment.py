@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 import tomllib
 import traceback
@@ -369,6 +370,7 @@ class _Context:
     data_root: str | None
     manifest: str | None
     code_sha256: str = ""  # taken when the run starts: the code this process has loaded
+    published: Path | None = None  # <results>/units: result files committed by earlier sessions
     bundle: Any = None
     test: Any = None
     outcomes: list[Outcome] = field(default_factory=list)
@@ -380,11 +382,14 @@ def run_experiment(
     only: Sequence[str] = (),
     seeds: Sequence[int] = (),
     log: Log = print,
+    published: Path | None = None,
 ) -> list[Outcome]:
     """Train and evaluate every unit that has no valid result yet; return what happened to each.
 
     ``only`` restricts to units by name or group, ``seeds`` to some seeds. A failing unit is
-    recorded (``error.txt`` in its directory) and the run goes on with the next.
+    recorded (``error.txt`` in its directory) and the run goes on with the next. A valid copy in
+    ``published`` (``<results>/units/<unit>.json``, committed by an earlier session whose run
+    directories are gone) counts as finished and is restored into the run directory.
     """
     known = {u.name for u in exp.units()} | {u.group for u in exp.units()}
     unknown = sorted(set(only) - known)
@@ -400,7 +405,7 @@ def run_experiment(
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     data_root = exp.data_root()
     manifest = str(exp.run_dir / "split.json") if data_root is not None else None
-    ctx = _Context(exp, log, data_root, manifest, code_fingerprint())
+    ctx = _Context(exp, log, data_root, manifest, code_fingerprint(), published)
     if exp.source is not None:
         (exp.run_dir / "experiment.toml").write_bytes(exp.source.read_bytes())
     log(f"experiment {exp.name}: {len(units)} units -> {exp.run_dir}")
@@ -424,6 +429,12 @@ def _run_unit(ctx: _Context, unit: Unit) -> Outcome:
     body, why = read_result(path / RESULT_FILE, digest)
     if body is not None:
         log(f"[{unit.key}] skipped: valid result ({digest[:12]})")
+        return Outcome(unit, "skipped", path)
+    copy = None if ctx.published is None else ctx.published / f"{unit.key}.json"
+    if copy is not None and read_result(copy, digest)[0] is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(copy, path / RESULT_FILE)
+        log(f"[{unit.key}] skipped: valid published result {copy}")
         return Outcome(unit, "skipped", path)
     if why != "missing":
         log(f"[{unit.key}] result {why}: recomputing")

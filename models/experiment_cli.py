@@ -15,7 +15,11 @@ def experiment_cmd(
         Path, typer.Argument(help="Experiment TOML file, e.g. experiments/cpu.toml.")
     ],
     results: Annotated[
-        Path | None, typer.Option(help="Write the published results (README.md, plots) here.")
+        Path | None,
+        typer.Option(
+            help="Write the published results (README.md, plots) here; units already published "
+            "there (units/*.json, valid and of the same settings) are not run again."
+        ),
     ] = None,
     summarize_only: Annotated[
         bool, typer.Option("--summarize-only", help="Do not train: publish what has finished.")
@@ -59,7 +63,10 @@ def experiment_cmd(
 
         failed = False
         if not summarize_only:
-            outcomes = run_experiment(exp, only=only or (), seeds=seed or (), log=log)
+            published = None if results is None else results / "units"
+            outcomes = run_experiment(
+                exp, only=only or (), seeds=seed or (), log=log, published=published
+            )
             failed = any(o.status == "failed" for o in outcomes)
         if results is not None or summarize_only:
             from models.experiment_report import summarize

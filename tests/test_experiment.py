@@ -111,6 +111,30 @@ def test_second_run_skips_finished_units(finished: Path, tmp_path: Path) -> None
     assert [f.read_bytes() for f in files] == before
 
 
+def test_a_published_result_counts_as_finished_in_a_new_run_directory(
+    finished: Path, tmp_path: Path
+) -> None:
+    """A later session has only what was committed: the published copy of a unit is restored
+    into the fresh run directory instead of training again; an edited copy is not."""
+    exp = _copy(finished, tmp_path)
+    published = tmp_path / "units"
+    published.mkdir()
+    for unit in exp.units():
+        shutil.copyfile(unit_dir(exp, unit) / RESULT_FILE, published / f"{unit.key}.json")
+    shutil.rmtree(exp.run_dir)
+    outcomes = run_experiment(exp, log=lambda _: None, published=published)
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    for unit in exp.units():
+        restored = (unit_dir(exp, unit) / RESULT_FILE).read_bytes()
+        assert restored == (published / f"{unit.key}.json").read_bytes()
+    shutil.rmtree(exp.run_dir)
+    edited = json.loads((published / "dpaat-seed0.json").read_text())
+    edited["body"]["seed"] = 7
+    (published / "dpaat-seed0.json").write_text(json.dumps(edited))
+    outcomes = run_experiment(exp, only=["dpaat"], log=lambda _: None, published=published)
+    assert [o.status for o in outcomes] == ["done"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_corrupted_result_is_detected_and_recomputed(
     finished: Path, tmp_path: Path, damage: str
