@@ -3,6 +3,7 @@ processes, the API awaiting their answers. Small model (small_cnn at 32 px), 2 P
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -168,8 +169,20 @@ def test_no_worker_means_503_with_retry_after_within_the_timeout(
     # The API itself stays responsive meanwhile, and the next worker serves new requests
     # (the stale message expired unread).
     assert stack.http.get(stack.url("/models")).status_code == 200
-    stack.start_predict_worker()
+    # the next worker runs at a lower CPU priority (`dpaat worker --nice`): every thread of it,
+    # the batching and computing ones included, so the API keeps the CPU first on a shared host
+    worker = stack.start_predict_worker(nice=5)
     assert answered(stack, model_id, lesions[0])
+    assert thread_niceness(worker.pid) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)}
+
+
+def thread_niceness(pid: int) -> set[int]:
+    """The nice value of every thread of ``pid`` (Linux: niceness is per thread)."""
+    # /proc/<pid>/task/<tid>/stat: the 19th field, the 17th after the command name's ")"
+    return {
+        int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
 
 
 def answered(stack: Stack, model_id: str, image: bytes, tries: int = 3) -> bool:
