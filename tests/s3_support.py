@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
 
 ACCESS_KEY = "dpaat-test"
 SECRET_KEY = "dpaat-test-secret"
@@ -60,7 +63,7 @@ class S3Server:
             "DPAAT_S3_SECRET_ACCESS_KEY": SECRET_KEY,
         }
 
-    def settings(self, bucket: str, tmp: Path, cache_mb: int = 64) -> Any:
+    def settings(self, bucket: str, tmp: Path, cache_mb: int = 64) -> Settings:
         """The ``Settings`` of one host on ``bucket`` (its cache and scratch under ``tmp``)."""
         from app.core.settings import Settings
 

@@ -270,10 +270,9 @@ def running_stack(
     root: Path = ROOT,
 ) -> Iterator[Stack]:
     """A fresh database, a private Redis database and queues, ``dpaat migrate``, the API,
-    ``workers`` training/evaluation workers and ``predict_workers`` prediction workers (at CPU
-    priority ``-predict_nice``); all
-    stopped and dropped afterwards. ``env`` overrides the processes' variables; ``root`` runs
-    the code of another checkout (the benchmark's baseline)."""
+    ``workers`` training/evaluation workers and ``predict_workers`` prediction workers (started
+    with ``--nice predict_nice``); all stopped and dropped afterwards. ``env`` overrides the
+    processes' variables; ``root`` runs the code of another checkout (the benchmark's baseline)."""
     tag = uuid.uuid4().hex[:10]
     db_name = f"dpaat_fs_{tag}"
     admin = _admin_conninfo(postgres_url)
