@@ -530,6 +530,11 @@ def test_progress_reports_stages_in_order(evaluated) -> None:
     assert fractions == sorted(fractions) and fractions[0] >= 0 and calls[-1] == ("done", 1.0)
     stages = [s for s, _ in calls]
     assert stages.index("clean") < stages.index("attacks") < stages.index("checks")
+    # a report (the worker's stop check) after every attack on every chunk and after every
+    # check, so a cancellation waits for one attack, not for all of them on a chunk
+    positive = [e for e in EPS if e > 0]
+    assert stages.count("attacks") == len(positive) * len(ATTACKS)  # one chunk of 96
+    assert stages.count("checks") >= 9
 
 
 def test_evaluate_restores_train_mode_and_bn(trained) -> None:

@@ -34,7 +34,7 @@ DEFAULT_EPS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 20})
 Progress = Callable[[str, float], None]
 # share of the progress bar per stage: the attacks dominate the run time
-_CLEAN, _ATTACKS = 0.05, 0.85
+_CLEAN, _ATTACKS, _CHECKS = 0.05, 0.85, 0.09
 # attacks run their full budget even at eps = 0 (Square: every query), so this check stays small
 _EPS_ZERO_SAMPLES = 8
 
@@ -140,6 +140,7 @@ def worst_case(
     cascade: bool = True,
     keep_x: bool = False,
     timer: _Timer | None = None,
+    after_attack: Callable[[], None] | None = None,
 ) -> WorstCase:
     """Run ``attacks`` (label -> attack, in this order) at ``eps`` (1/255 units) on one chunk.
 
@@ -147,6 +148,8 @@ def worst_case(
     candidate that fools the model, the one with the highest cross-entropy among those that ran;
     with ``cascade`` an attack runs only on the samples nothing has fooled yet (radius 0 for the
     others, which costs nothing), so its robust mask is the same as without, in less time.
+    ``after_attack()`` runs after each attack: the caller's progress report and stop check (an
+    attack on a chunk can take minutes, so a cancellation is seen between attacks).
     """
     best_fooled, best_loss, best_probs = ~clean_correct, clean_loss, clean_probs
     best_x = x.clone() if keep_x else None
@@ -183,6 +186,8 @@ def worst_case(
         fooled[lbl] = wrong
         robust[lbl] = ~best_fooled if cascade else ~wrong & clean_correct
         attacked[lbl] = len(rows)
+        if after_attack:
+            after_attack()
     return WorstCase(fooled, robust, attacked, best_probs, best_x, budget_excess, out_of_range)
 
 
@@ -367,6 +372,12 @@ def _evaluate(
     attacked: dict[float, dict[str, int]] = {}  # samples each attack ran on
     budget_excess, out_of_range = 0.0, 0.0
     units, done = max(1, len(positive) * len(chunks) * len(attacks)), 0
+
+    def attack_done() -> None:
+        nonlocal done
+        done += 1
+        report_progress("attacks", _CLEAN + _ATTACKS * done / units)
+
     for eps in positive:
         probs_e = clean_probs.clone()
         correct[eps] = {lbl: torch.zeros(n, dtype=torch.bool) for lbl in order}
@@ -378,7 +389,7 @@ def _evaluate(
                 model, {lbl: attacks[lbl] for lbl in order}, x, y, eps,
                 clean_correct[sl].to(device), clean_loss[sl].to(device),
                 clean_probs[sl].to(device), cascade,
-                keep_x=eps == adv_cam_eps and masks, timer=timer,
+                keep_x=eps == adv_cam_eps and masks, timer=timer, after_attack=attack_done,
             )  # fmt: skip
             for lbl in order:
                 fooled[eps][lbl][sl] = wc.fooled[lbl].cpu()
@@ -387,8 +398,6 @@ def _evaluate(
             budget_excess = max(budget_excess, wc.budget_excess)
             out_of_range = max(out_of_range, wc.out_of_range)
             best_probs, best_x = wc.probs, wc.x
-            done += len(order)
-            report_progress("attacks", _CLEAN + _ATTACKS * done / units)
             probs_e[sl] = best_probs.cpu()
             if best_x is not None and masks:
                 t = timer.now()
@@ -426,23 +435,28 @@ def _evaluate(
         lbl: {eps: robust[eps_key(eps)]["per_attack"][lbl]["accuracy"] for eps in eps_sorted}
         for lbl in order
     }
-    check_list = [
-        ck.check_logits(logits, k),
-        ck.check_eval_deterministic(model, xs, given_training),
-        ck.check_gradients(model, xs, ys),
-        ck.check_eps_zero(attacks, xs[:_EPS_ZERO_SAMPLES], ys[:_EPS_ZERO_SAMPLES]),
-        ck.check_budget(budget_excess, out_of_range),
-        ck.check_monotone(
+    # each check is a callable, so the progress report (and its stop check) runs between them
+    check_runs: list[Callable[[], ck.Check]] = [
+        lambda: ck.check_logits(logits, k),
+        lambda: ck.check_eval_deterministic(model, xs, given_training),
+        lambda: ck.check_gradients(model, xs, ys),
+        lambda: ck.check_eps_zero(attacks, xs[:_EPS_ZERO_SAMPLES], ys[:_EPS_ZERO_SAMPLES]),
+        lambda: ck.check_budget(budget_excess, out_of_range),
+        lambda: ck.check_monotone(
             {
                 "worst case": curve,
                 **{lbl: sorted(c.items()) for lbl, c in per_attack_curves.items()},
             },
             n,
         ),
-        ck.check_iterative_vs_fgsm(fooled, names, n),
-        ck.check_large_eps(model, xs, ys),
-        ck.check_black_box(fooled, names, n),
+        lambda: ck.check_iterative_vs_fgsm(fooled, names, n),
+        lambda: ck.check_large_eps(model, xs, ys),
+        lambda: ck.check_black_box(fooled, names, n),
     ]
+    check_list = []
+    for i, run_check in enumerate(check_runs):
+        check_list.append(run_check())
+        report_progress("checks", _CLEAN + _ATTACKS + _CHECKS * (i + 1) / len(check_runs))
     timer.add("checks", t)
 
     focus: dict[str, Any] | None = None
