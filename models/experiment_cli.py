@@ -17,8 +17,9 @@ def experiment_cmd(
     results: Annotated[
         Path | None,
         typer.Option(
-            help="Write the published results (README.md, plots) here; units already published "
-            "there (units/*.json, valid and of the same settings) are not run again."
+            help="Write the published results (README.md, plots) here (with --summarize-only, "
+            "docs/results/<experiment name> by default); units already published there "
+            "(units/*.json, valid and of the same settings) are not run again."
         ),
     ] = None,
     summarize_only: Annotated[
@@ -71,6 +72,8 @@ def experiment_cmd(
         if results is not None or summarize_only:
             from models.experiment_report import summarize
 
-            summarize(exp, results or Path("docs/results"), gradcam=gradcam, cost=cost, log=log)
+            # one folder per experiment: docs/results/README.md is the index of the pages
+            page = results or Path("docs/results") / exp.name
+            summarize(exp, page, gradcam=gradcam, cost=cost, log=log)
         if failed:
             raise typer.Exit(1)
