@@ -984,6 +984,7 @@ def test_health_and_metrics(api: Api) -> None:
     assert api.client.get("/health/live").json() == {"status": "ok"}
     ready = api.client.get("/health/ready")
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    assert ready.json()["checks"]["storage"] == "ok"  # a probe file written in the directory
     job_id = api.client.post(f"{API}/jobs/train", json={}).json()["id"]
     api.client.get(f"{API}/jobs/{job_id}")
     text = api.client.get("/metrics").text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_the_api_keeps_everything_in_the_bucket(
         f"artifacts/datasets/{ds['id']}/manifest.json",
     }
     assert not api.settings.artifact_dir.exists()  # no local artifact directory at all
+    assert api.client.get("/health/ready").json()["checks"]["storage"] == "ok"
 
     # another host (an empty cache) reads the same dataset: one download, then warm
     other = open_store(Settings(**_s3(s3_server, bucket, tmp_path / "worker-host")))
@@ -90,3 +92,21 @@ def test_the_api_keeps_everything_in_the_bucket(
     # deleting the dataset deletes its objects
     assert api.client.delete(f"{API}/datasets/{ds['id']}").status_code == 204
     assert not [k for k in s3_server.objects(bucket) if "/datasets/" in k]
+
+
+def test_readiness_fails_fast_when_the_bucket_cannot_be_reached(
+    make_api: Callable[..., Api], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A missing bucket, then a server that is gone: 503 naming the storage, within seconds (the
+    probe tries once; the work's client would retry for up to a minute)."""
+    settings = _s3(s3_server, "no-such-bucket", tmp_path / "api-host")
+    api = make_api(**settings)
+    r = api.client.get("/health/ready")
+    assert r.status_code == 503 and r.json()["checks"]["database"] == "ok"
+    assert r.json()["checks"]["storage"].startswith("error: ClientError"), r.json()
+
+    gone = make_api(**{**settings, "s3_endpoint_url": "http://127.0.0.1:1"})
+    started = time.monotonic()
+    r = gone.client.get("/health/ready")
+    assert r.status_code == 503 and r.json()["checks"]["storage"].startswith("error"), r.json()
+    assert time.monotonic() - started < 10

@@ -105,6 +105,10 @@ class Storage(ABC):
     #: True when the store is a local directory that job folders can live in directly.
     is_local: bool = False
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raise when the store cannot be used now (the readiness probe): quick, no retries."""
+
     # ------------------------------------------------------------------ writing
     @abstractmethod
     def put_stream(
@@ -193,6 +197,11 @@ class ArtifactStore(Storage):
         for top in TOP_LEVEL:
             (self.root / top).mkdir(exist_ok=True)
         self.tmp_dir = self.root / "tmp"
+
+    def check(self) -> None:
+        # a file written and removed: a full disk or a read-only mount fails here, even as root
+        with tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="ready-"):
+            pass
 
     # ------------------------------------------------------------------ addressing
     def uri_for(self, path: str | Path) -> str:

@@ -53,9 +53,16 @@ class S3Store(Storage):
     """See the module docstring. ``client`` is a boto3 S3 client."""
 
     def __init__(
-        self, client: Any, bucket: str, prefix: str, cache: ArtifactCache, scratch: Path
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        cache: ArtifactCache,
+        scratch: Path,
+        probe: Any | None = None,
     ) -> None:
         self.client = client
+        self.probe = probe or client  # the readiness probe's client: one try, short timeouts
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.cache = cache
@@ -70,23 +77,32 @@ class S3Store(Storage):
         assert settings.artifacts is not None
         bucket, prefix = parse_url(settings.artifacts)
         secret = settings.s3_secret_access_key
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=secret.get_secret_value() if secret else None,
-            # Path-style addressing works with every S3-compatible server (MinIO, moto);
-            # a few retries ride out a restarting server.
-            config=Config(
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
-            ),
-        )
+
+        def client(attempts: int, connect_timeout: float, read_timeout: float) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=secret.get_secret_value() if secret else None,
+                # Path-style addressing works with every S3-compatible server (MinIO, moto)
+                config=Config(
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": attempts, "mode": "standard"},
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                ),
+            )
+
         cache = ArtifactCache(settings.cache_dir, settings.cache_max_mb << 20)
-        return cls(client, bucket, prefix, cache, settings.scratch_dir)
+        # the work rides out a restarting server with a few retries; the readiness probe must
+        # answer within a load balancer's timeout, so it tries once
+        return cls(
+            client(5, 10, 60), bucket, prefix, cache, settings.scratch_dir, probe=client(1, 2, 5)
+        )
+
+    def check(self) -> None:
+        self.probe.head_bucket(Bucket=self.bucket)
 
     # ------------------------------------------------------------------ addressing
     def _key(self, uri: str) -> str:

@@ -29,6 +29,14 @@ def _check_database(request: Request) -> str:
         return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+def _check_storage(request: Request) -> str:
+    try:
+        request.app.state.store.check()
+        return "ok"
+    except Exception as e:
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _check_broker(url: str | None) -> str:
     if not url:
         return "embedded (no broker configured)"
@@ -63,12 +71,14 @@ def _check_workers(settings: Any) -> tuple[dict[str, Any], bool]:
     responses={503: {"description": "A dependency failed; the body says which"}},
 )
 async def ready(request: Request) -> JSONResponse:
-    """200 when the database (and the broker, when one is configured) answer; 503 otherwise,
+    """200 when the database, the artifact store (a probe file in the directory, or a HEAD of the
+    bucket) and the broker (when one is configured) answer; 503 otherwise,
     with the failing part named. With a broker, ``workers`` gives the live workers per queue;
     a queue named in ``DPAAT_REQUIRED_QUEUES`` without one makes it 503."""
     checks: dict[str, Any] = {
         "database": await run_in_threadpool(_check_database, request),
         "broker": await run_in_threadpool(_check_broker, request.app.state.settings.broker_url),
+        "storage": await run_in_threadpool(_check_storage, request),
     }
     ok = all(not str(v).startswith("error") for v in checks.values())
     settings = request.app.state.settings
