@@ -139,29 +139,41 @@ print(json.dumps({"maxrss_kb": int(hwm.split()[1])}))
 """
 
 
-def peak_rss_mb(samples: list[Sample], mode: str, out: Path) -> float:
+def start_run(samples: list[Sample], mode: str, out: Path) -> subprocess.Popen[str]:
+    """One training run in a child process; :func:`peak_rss_mb` reads its peak."""
     paths = json.dumps([s.image for s in samples])
     # glibc keeps freed small blocks (each decoded image's buffers) as its own high-water mark, so
     # without these the peak RSS grows with the number of decodes, not with what is held (seen:
     # +61 MB for 360 more streamed images, +1 MB with them): returned to the OS at once, it
     # measures what the process holds
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    run = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", MEMORY_RUN, paths, mode, str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    return float(json.loads(run.stdout.strip().splitlines()[-1])["maxrss_kb"]) / 1024
+
+
+def peak_rss_mb(run: subprocess.Popen[str]) -> float:
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-2000:]
+    return float(json.loads(stdout.strip().splitlines()[-1])["maxrss_kb"]) / 1024
 
 
 def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
     """Peak resident memory of a training run (112 px, a 4 MB cache) on 120 and on 480 images:
     streamed, it grows by less than 6 MB; decoded into memory, the 360 more images (13.5 MB as
-    uint8) show, so the measurement sees what streaming avoids."""
+    uint8) show, so the measurement sees what streaming avoids. The four runs go side by side:
+    each reads its own process's peak."""
     samples = image_files(tmp_path / "img", 480, size=(160, 120))
     small, large = samples[:120], samples
-    streamed = [peak_rss_mb(s, "streamed", tmp_path / f"s{len(s)}") for s in (small, large)]
-    memory = [peak_rss_mb(s, "memory", tmp_path / f"m{len(s)}") for s in (small, large)]
+    runs = {
+        (mode, len(s)): start_run(s, mode, tmp_path / f"{mode}{len(s)}")
+        for mode in ("streamed", "memory")
+        for s in (small, large)
+    }
+    peak = {key: peak_rss_mb(run) for key, run in runs.items()}
+    streamed = [peak["streamed", 120], peak["streamed", 480]]
+    memory = [peak["memory", 120], peak["memory", 480]]
     print(f"peak RSS MB streamed {streamed}, in memory {memory}")
     assert streamed[1] - streamed[0] < 6, streamed
     assert memory[1] - memory[0] > 10, memory
