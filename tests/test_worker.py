@@ -340,6 +340,9 @@ def test_embedded_runtime_trains_evaluates_and_resumes_after_a_restart(settings:
     finally:
         runtime.stop(timeout=60)
     assert not runtime.running
+    from worker import hooks
+
+    assert not hooks.SHUTDOWN.is_set(), "a stopped runtime must not stop later jobs"
     interrupted = _job(job_id)
     assert interrupted.status == "running", "a shutdown is not a failure"
     done_before = len(_epochs(job_id))

@@ -82,6 +82,10 @@ class EmbeddedRuntime:
                 log.warning("embedded worker did not stop within %.0f s", timeout)
         if self._reaper is not None:
             self._reaper.join(timeout=5)
+        if not self.running:
+            # the flag is process-wide: left set, it would stop the next job this process runs
+            # through worker hooks without a runtime (models.api callers, tests)
+            hooks.SHUTDOWN.clear()
 
     @property
     def running(self) -> bool:
