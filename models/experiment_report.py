@@ -127,11 +127,6 @@ def measures_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Int
     return values, intervals
 
 
-def metrics_of(result: dict[str, Any]) -> dict[str, float]:
-    """The flat figures of one result (see :func:`measures_of`)."""
-    return measures_of(result)[0]
-
-
 def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per unit name: mean, spread (sample standard deviation over seeds; 0 with one seed), 95 %
     interval (one seed's, or the envelope of the seeds' intervals), n, seeds, verdicts and the

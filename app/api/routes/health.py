@@ -20,13 +20,18 @@ def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _error(e: Exception) -> str:
+    """A failed check, as the readiness body shows it: the exception's type and first line."""
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _check_database(request: Request) -> str:
     try:
         with request.app.state.sessionmaker() as session:
             session.execute(text("SELECT 1"))
         return "ok"
     except Exception as e:
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return _error(e)
 
 
 def _check_storage(request: Request) -> str:
@@ -34,7 +39,7 @@ def _check_storage(request: Request) -> str:
         request.app.state.store.check()
         return "ok"
     except Exception as e:
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return _error(e)
 
 
 def _check_broker(url: str | None) -> str:
@@ -47,7 +52,7 @@ def _check_broker(url: str | None) -> str:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_max=0, timeout=3)
         return "ok"
     except Exception as e:
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return _error(e)
 
 
 def _check_workers(settings: Any) -> tuple[dict[str, Any], bool]:
@@ -56,8 +61,7 @@ def _check_workers(settings: Any) -> tuple[dict[str, Any], bool]:
     try:
         counts = workers.live_workers_per_queue()
     except Exception as e:
-        error = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        return {"error": error}, not required
+        return {"error": _error(e)}, not required
     report: dict[str, Any] = {q: counts.get(q, 0) for q in sorted({*counts, *required})}
     missing = [q for q in required if not counts.get(q)]
     if missing:
