@@ -205,5 +205,8 @@ def test_a_real_probe_is_cheap_and_cached(monkeypatch: pytest.MonkeyPatch) -> No
         first = fast_layout(x, model)
     choice = lay.cached(model, x)
     assert choice is not None and is_cl(first) == choice.channels_last
-    assert 0 < min(choice.nchw_s, choice.channels_last_s) <= choice.probe_s / (2 + 2 * lay.ROUNDS)
+    # passes are timed in CPU time (every thread's), the probe in wall time
+    cpu_per_wall = torch.get_num_threads()
+    passes = 2 + 2 * lay.ROUNDS
+    assert 0 < min(choice.nchw_s, choice.channels_last_s) <= choice.probe_s * cpu_per_wall / passes
     assert is_cl(fast_layout(x, model)) == choice.channels_last
