@@ -127,6 +127,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.reader = make_sessionmaker(engine, reads_only=True)  # key checks, job status
     app.state.store = open_store(settings)  # a directory, or S3 (issue 15)
     app.state.dispatcher = dispatcher or _default_dispatcher
     app.state.metrics = Metrics()
@@ -140,7 +141,12 @@ def create_app(
     app.add_middleware(InputPolicyMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     # Outside the body limit: a request without a valid key is refused before anything else.
-    app.add_middleware(AuthMiddleware, settings=settings, factory=app.state.sessionmaker)
+    app.add_middleware(
+        AuthMiddleware,
+        settings=settings,
+        factory=app.state.sessionmaker,
+        reader=app.state.reader,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(errors.DatabaseDownMiddleware)  # outermost: covers the layers above
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from app.core.settings import Settings, default_data_roots
@@ -575,6 +575,32 @@ def test_job_detail_shows_epochs_and_vital_signs(api: Api) -> None:
     assert job["vital_signs"]["eps_hist"] == {"edges": [0, 4, 8], "counts": [1, 9]}
     assert api.client.get(f"{API}/jobs/{job_id}", headers=OTHER).status_code == 404
     assert api.client.get(f"{API}/jobs/{'f' * 32}").status_code == 404
+
+
+def test_job_status_is_one_statement_outside_a_transaction(api: Api) -> None:
+    """Job status is what clients poll (issue 12): the job and its epochs come from one statement
+    (one snapshot, epochs in order whatever order they were recorded in) and, on Postgres, on an
+    autocommit connection (no BEGIN/ROLLBACK round trips)."""
+    job_id = api.client.post(f"{API}/jobs/train", json={}).json()["id"]
+    with api.session() as s:
+        for epoch in (2, 0, 1):
+            jobs.record_epoch(s, job_id, epoch, {"loss": 1.0 - epoch / 10})
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        dbapi = conn.connection.dbapi_connection
+        seen.append((statement, getattr(dbapi, "autocommit", False)))
+
+    engine = api.client.app.state.engine  # type: ignore[attr-defined]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        job = api.client.get(f"{API}/jobs/{job_id}").json()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert [e["epoch"] for e in job["epochs"]] == [0, 1, 2]
+    assert [e["metrics"]["loss"] for e in job["epochs"]] == [1.0, 0.9, 0.8]
+    assert len(seen) == 1 and "job_epochs" in seen[0][0], seen
+    assert seen[0][1] is (engine.dialect.name == "postgresql")
 
 
 def test_job_without_dpaat_epochs_has_no_vital_signs(api: Api) -> None:

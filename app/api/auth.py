@@ -117,12 +117,21 @@ def _content_length(headers: dict[str, str]) -> int | None:
 
 
 class AuthMiddleware:
-    """See the module docstring. ``factory`` opens database sessions (the app's own)."""
+    """See the module docstring. ``factory`` opens database sessions (the app's own), ``reader``
+    those of the checks that only read (``make_sessionmaker(reads_only=True)``; default
+    ``factory``): a key check is on every request's path."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        reader: sessionmaker[Session] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.factory = factory
+        self.reader = reader or factory
         self._routes: list[BaseRoute] | None = None  # flattened once: routes are fixed at start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -189,7 +198,7 @@ class AuthMiddleware:
         if token is None:
             return None
         try:
-            with self.factory() as session:
+            with self.reader() as session:
                 opened = ui_sessions.resolve(session, token)
         except DBAPIError as e:
             log.warning("cannot verify a dashboard session: %s", type(e).__name__)
@@ -200,7 +209,7 @@ class AuthMiddleware:
 
     def _verify(self, key: str) -> Principal | None:
         try:
-            with self.factory() as session:
+            with self.reader() as session:
                 return api_keys.verify_key(session, key)
         except DBAPIError as e:
             log.warning("cannot verify an API key: %s", type(e).__name__)

@@ -1,12 +1,14 @@
 """Request dependencies, as typed aliases the routes declare (``session: SessionDep``).
 
 Everything comes from ``app.state`` (filled by ``create_app``), so a test app with its own
-settings, database and dispatcher never touches the process-wide defaults.
+settings, database and dispatcher never touches the process-wide defaults. The dependencies that
+do no I/O are ``async``: FastAPI runs a plain ``def`` one in a worker thread, a hop that each
+request would pay for (issue 12: job status polled under load).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -22,7 +24,7 @@ from app.services.storage import Storage
 from app.services.submissions import Dispatcher
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -33,17 +35,25 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_store(request: Request) -> Storage:
+async def get_reader(request: Request) -> AsyncIterator[Session]:
+    """A session for a route that only reads (``make_sessionmaker(reads_only=True)``). Opened
+    and closed on the event loop: a session connects on first use (in the route's thread), and
+    closing one that ran in autocommit hands its connection back without a round trip."""
+    with request.app.state.reader() as session:
+        yield session
+
+
+async def get_store(request: Request) -> Storage:
     store: Storage = request.app.state.store
     return store
 
 
-def get_predictions(request: Request) -> PredictionService:
+async def get_predictions(request: Request) -> PredictionService:
     service: PredictionService = request.app.state.predictions
     return service
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
@@ -58,7 +68,7 @@ _api_key_header = APIKeyHeader(
 _bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
 
 
-def current_principal(
+async def current_principal(
     request: Request,
     _key: Annotated[str | None, Security(_api_key_header)] = None,
     _bearer_token: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
@@ -74,19 +84,20 @@ def current_principal(
     return unauthenticated_principal(presented_key(dict(request.headers)))
 
 
-def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> None:
+async def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> None:
     """Defence in depth for the key routes (the middleware already demands ``admin``)."""
     if "admin" not in principal.scopes:
         raise Forbidden("this API key lacks the 'admin' scope")
 
 
-def current_owner(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+async def current_owner(principal: Annotated[Principal, Depends(current_principal)]) -> str:
     """The owner of the rows a request may see and create."""
     return principal.owner
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_db)]
+ReaderDep = Annotated[Session, Depends(get_reader)]
 StoreDep = Annotated[Storage, Depends(get_store)]
 PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]

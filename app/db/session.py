@@ -71,8 +71,18 @@ def get_engine(url: str | None = None) -> Engine:
         return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded attributes after commit (rows are handed to response models)."""
+def make_sessionmaker(engine: Engine, *, reads_only: bool = False) -> sessionmaker[Session]:
+    """Sessions that keep loaded attributes after commit (rows are handed to response models).
+
+    ``reads_only``: on Postgres, each statement is its own transaction (autocommit), which saves
+    the BEGIN and ROLLBACK round trips of a request that only reads (issue 12: a key check plus
+    ``GET /jobs/{id}`` went from 9 round trips to 4). Only for code that never writes and whose
+    reads are one statement each, or may see different snapshots. SQLite keeps transactions: its
+    round trips are function calls, and an in-memory database shares one connection between
+    sessions, where switching it to autocommit would end another session's transaction.
+    """
+    if reads_only and engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 

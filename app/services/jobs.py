@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.db.tables import (
     ACTIVE_STATUSES,
@@ -154,6 +154,25 @@ def get_job(session: Session, job_id: str, owner: str | None = None) -> Job:
     """The job with this id (of this owner when given); ``NotFound`` otherwise."""
     job = _fresh(session, job_id)
     if job is None or (owner is not None and job.owner != owner):
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def get_job_with_epochs(session: Session, job_id: str, owner: str) -> Job:
+    """The owner's job with its epochs (``job.epochs``, in order) loaded by the same statement: a
+    job's status is polled, and one statement is one round trip and one snapshot (a read-only
+    session may run each statement in its own transaction)."""
+    job = (
+        session.scalars(
+            select(Job)
+            .where(Job.id == job_id)
+            .options(joinedload(Job.epochs))
+            .execution_options(populate_existing=True)
+        )
+        .unique()
+        .one_or_none()
+    )
+    if job is None or job.owner != owner:
         raise NotFound(f"job {job_id} not found")
     return job
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.api import API_PREFIX
-from app.api.deps import DispatcherDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import DispatcherDep, OwnerDep, ReaderDep, SessionDep, SettingsDep
 from app.schemas.common import MAX_OFFSET, Page, error_responses
 from app.schemas.jobs import (
     EpochOut,
@@ -131,8 +131,8 @@ def list_jobs(
 
 
 def _detail(session: Session, job_id: str, owner: str) -> JobDetail:
-    job = jobs.get_job(session, job_id, owner)
-    epochs = [EpochOut.model_validate(e) for e in jobs.epochs_of(session, job_id)]
+    job = jobs.get_job_with_epochs(session, job_id, owner)
+    epochs = [EpochOut.model_validate(e) for e in job.epochs]
     return JobDetail.model_validate(
         {
             **JobOut.model_validate(job).model_dump(),
@@ -148,7 +148,7 @@ def _detail(session: Session, job_id: str, owner: str) -> JobDetail:
     summary="Get a job",
     responses=error_responses(404),
 )
-def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobDetail:
+def get_job(job_id: str, session: ReaderDep, owner: OwnerDep) -> JobDetail:
     """Status, progress, per-epoch metrics, DPAAT's vital signs (tau, eps histogram), result and
     error of a job."""
     return _detail(session, job_id, owner)
@@ -170,8 +170,8 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
 def _snapshot(factory: sessionmaker[Session], job_id: str, owner: str) -> dict[str, Any]:
     """What the stream reports about a job (one short read transaction)."""
     with factory() as session:
-        job = jobs.get_job(session, job_id, owner)
-        epochs = jobs.epochs_of(session, job_id)
+        job = jobs.get_job_with_epochs(session, job_id, owner)
+        epochs = job.epochs
         return {
             "id": job.id,
             "status": job.status,
@@ -206,7 +206,7 @@ async def job_events(
     job_id: str, request: Request, owner: OwnerDep, settings: SettingsDep
 ) -> StreamingResponse:
     """Polls the database at most every ``sse_poll_seconds`` and sends an event per change."""
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    factory: sessionmaker[Session] = request.app.state.reader
     first = await run_in_threadpool(_snapshot, factory, job_id, owner)  # 404 before streaming
 
     async def stream() -> AsyncIterator[str]:
