@@ -118,20 +118,20 @@ def _content_length(headers: dict[str, str]) -> int | None:
 
 class AuthMiddleware:
     """See the module docstring. ``factory`` opens database sessions (the app's own), ``reader``
-    those of the checks that only read (``make_sessionmaker(reads_only=True)``; default
-    ``factory``): a key check is on every request's path."""
+    those of the checks that only read (``make_sessionmaker(reads_only=True)``): a key check is
+    on every request's path."""
 
     def __init__(
         self,
         app: ASGIApp,
         settings: Settings,
         factory: sessionmaker[Session],
-        reader: sessionmaker[Session] | None = None,
+        reader: sessionmaker[Session],
     ) -> None:
         self.app = app
         self.settings = settings
         self.factory = factory
-        self.reader = reader or factory
+        self.reader = reader
         self._routes: list[BaseRoute] | None = None  # flattened once: routes are fixed at start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -168,7 +168,7 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
 
 
 def _snapshot(factory: sessionmaker[Session], job_id: str, owner: str) -> dict[str, Any]:
-    """What the stream reports about a job (one short read transaction)."""
+    """What the stream reports about a job (one statement: ``get_job_with_epochs``)."""
     with factory() as session:
         job = jobs.get_job_with_epochs(session, job_id, owner)
         epochs = job.epochs
