@@ -82,8 +82,9 @@ def train_cmd(
         str | None, typer.Option(help="Dataset folder (HAM10000 layout or class-per-folder).")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="standard|pgd_at|trades|dpaat|amat_external|iaat_flip")
-    ] = "dpaat",
+        str | None,
+        typer.Option(help="standard|pgd_at|trades|dpaat|amat_external|iaat_flip [default: dpaat]"),
+    ] = None,  # None, not "dpaat": a default given here would override --config's method
     arch: Annotated[
         str | None, typer.Option(help="Architecture name, e.g. small_cnn, resnet50.")
     ] = None,

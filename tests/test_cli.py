@@ -43,6 +43,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "checkpoint.pt"
 
 
+def test_a_config_files_method_is_kept_and_flags_override_it(tmp_path: Path) -> None:
+    """`--config` with method = "standard" trains `standard` (an unset --method used to override
+    it with DPAAT), and a flag given on the command line wins over the file."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('method = "standard"\nepochs = 3\nimage_size = 32\nbatch_size = 32\n')
+    out = tmp_path / "run"
+    r = runner.invoke(
+        cli,
+        ["train", "--config", str(cfg), "--epochs", "1", "--limit", "16", "--out", str(out)],
+        env={"DPAAT_DATA_ROOT": str(tmp_path / "no-data-here")},
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["epochs"] == 1 and "tau" not in summary["last_epoch"]
+    assert load_model(out / "checkpoint.pt").info["method"] == "standard"
+
+
 def png_bytes(i: int = 0) -> bytes:
     ds = synthetic_dataset(n=i + 1, size=32, seed=5)
     buf = io.BytesIO()
