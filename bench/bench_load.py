@@ -406,15 +406,11 @@ def full_stack(
     """The full stack of ``root``'s code with ``predict_workers`` prediction workers (0 for a
     checkout from before issue 12, which predicts in the API process) at ``dpaat worker --nice
     predict_nice``."""
-    from stack_support import running_stack
+    from stack_support import POSTGRES_URL, REDIS_URL, running_stack
 
-    pg = os.environ.get(
-        "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    redis_url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     with running_stack(
-        pg,
-        redis_url,
+        POSTGRES_URL,
+        REDIS_URL,
         workdir,
         env=env,
         predict_workers=predict_workers,

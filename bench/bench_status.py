@@ -31,14 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sqlalchemy.orm import Session  # noqa: E402
-from stack_support import running_stack  # noqa: E402
+from stack_support import POSTGRES_URL, REDIS_URL, running_stack  # noqa: E402
 
 from app.services import jobs  # noqa: E402
-
-PG = os.environ.get(
-    "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -66,7 +61,9 @@ def backends(conninfo: str, database: str) -> list[int]:
 def measure(root: Path, requests: int) -> dict[str, float]:
     with (
         tempfile.TemporaryDirectory(prefix="dpaat-status-") as tmp,
-        running_stack(PG, REDIS, Path(tmp), workers=0, predict_workers=0, root=root) as s,
+        running_stack(
+            POSTGRES_URL, REDIS_URL, Path(tmp), workers=0, predict_workers=0, root=root
+        ) as s,
     ):
         assert s.api is not None
         with Session(s.engine) as db:

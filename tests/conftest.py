@@ -1,16 +1,18 @@
 """Shared fixtures. Real data and the full stack are optional on a laptop and mandatory in CI:
-.ci/run sets DPAAT_REQUIRE_DATA=1 and DPAAT_REQUIRE_FULLSTACK=1, which turn a skip into a
-failure."""
+.ci/run sets DPAAT_REQUIRE_DATA=1, DPAAT_REQUIRE_FULLSTACK=1 and DPAAT_REQUIRE_BROWSER=1, which
+turn a skip into a failure."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from s3_support import S3Server, moto_server
+from stack_support import POSTGRES_URL, REDIS_URL
 
 from models.data import default_data_root
 
@@ -46,20 +48,30 @@ def _reachable(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    url = os.environ.get(
-        "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
     if not _reachable("127.0.0.1", 5432):
         _require("DPAAT_REQUIRE_FULLSTACK", "PostgreSQL not reachable on 127.0.0.1:5432")
-    return url
+    return POSTGRES_URL
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    url = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     if not _reachable("127.0.0.1", 6379):
         _require("DPAAT_REQUIRE_FULLSTACK", "Redis not reachable on 127.0.0.1:6379")
-    return url
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its chromedriver: (browser, driver) paths."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        _require(
+            "DPAAT_REQUIRE_BROWSER",
+            "chromium and chromium-driver are not installed (apt-get install them)",
+        )
+    assert browser is not None and driver is not None
+    return browser, driver
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,11 @@ from sqlalchemy.orm import Session
 from app.db.tables import JobEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The loopback services of this machine's kind (.ci/run exports the same defaults)
+POSTGRES_URL = os.environ.get(
+    "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("DPAAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLASSES = ("bkl", "mel", "nv")
 PER_CLASS = 30
 LEASE_SECONDS = 5

@@ -8,7 +8,6 @@ is a server error (issue 14).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import uuid
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from stack_support import POSTGRES_URL
 
 from app.core.settings import Settings
 from app.db.migrate import upgrade
@@ -56,13 +56,10 @@ def test_no_server_errors(case: Any) -> None:
 
 # The same on PostgreSQL (issue 14: a NUL in a text column is a server error there only). The
 # database is named now, because the schema is read at collection, and created by the fixture.
-_PG_SERVER = os.environ.get(
-    "DPAAT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 _PG_NAME = f"dpaat_fuzz_{uuid.uuid4().hex[:12]}"
 _PG_CONFIG = _CONFIG.model_copy(
     update={
-        "database_url": make_url(_PG_SERVER)
+        "database_url": make_url(POSTGRES_URL)
         .set(database=_PG_NAME)
         .render_as_string(hide_password=False),
         "artifact_dir": _ROOT / "pg-artifacts",
@@ -76,7 +73,7 @@ pg_schema = schemathesis.openapi.from_asgi(
 
 @pytest.fixture(scope="module")
 def _postgres_database(postgres_url: str) -> Iterator[None]:
-    admin = create_engine(_PG_SERVER, isolation_level="AUTOCOMMIT")
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{_PG_NAME}"'))
     try:

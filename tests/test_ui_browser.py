@@ -52,17 +52,6 @@ FULLSTACK = [pytest.mark.fullstack, pytest.mark.slow]
 EVAL = {"eps_list": [0, 1, 2], "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 2}]}
 
 
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        reason = "chromium and chromium-driver are not installed (apt-get install them)"
-        if os.environ.get("DPAAT_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{reason} (DPAAT_REQUIRE_BROWSER=1 makes this mandatory)")
-        pytest.skip(reason)
-    return browser, driver
-
-
 class Server:
     """Where the dashboard runs: its URL, two owners' keys and an HTTP client with alice's key."""
 
@@ -159,9 +148,10 @@ class FullStack(Server):
 
 @pytest.fixture(scope="module", params=["embedded", pytest.param("fullstack", marks=FULLSTACK)])
 def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    chromium: tuple[str, str],  # checked before a server is started for nothing
 ) -> Iterator[Server]:
-    _chromium()
     tmp = tmp_path_factory.mktemp(f"ui-{request.param}")
     if request.param == "embedded":
         embedded = Embedded(tmp)
@@ -180,11 +170,11 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
+def driver(chromium: tuple[str, str]) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    browser, chromedriver = _chromium()
+    browser, chromedriver = chromium
     options = webdriver.ChromeOptions()
     for flag in CHROME_FLAGS:
         options.add_argument(flag)
