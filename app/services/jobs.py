@@ -165,14 +165,14 @@ def get_job_with_epochs(session: Session, job_id: str, owner: str) -> Job:
     job = (
         session.scalars(
             select(Job)
-            .where(Job.id == job_id)
+            .where(Job.id == job_id, Job.owner == owner)  # another owner's epochs are not read
             .options(joinedload(Job.epochs))
             .execution_options(populate_existing=True)
         )
         .unique()
         .one_or_none()
     )
-    if job is None or job.owner != owner:
+    if job is None:
         raise NotFound(f"job {job_id} not found")
     return job
 
