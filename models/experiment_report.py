@@ -210,7 +210,7 @@ def main_tables(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[str
             "AUROC",
             "mel recall",
             "s/epoch (run)",
-            "verdict",
+            "validity checks",
         ],
         [
             [
@@ -279,7 +279,8 @@ def main_tables(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[str
         "bootstrap for balanced accuracy and mAP, the envelope of the seeds' intervals over "
         "several seeds; s/epoch = wall time per training epoch of the real run, validation "
         "included, which moved with the load of the shared machine: compare costs with the "
-        "side-by-side table below)\n\n" + t1 + "\n\n"
+        "side-by-side table below; validity checks = the worst status of the evaluation's "
+        "checks, docs/dpaat.md)\n\n" + t1 + "\n\n"
         "**Robust accuracy** (percent; per sample the worst case over all attacks of the protocol; "
         "AutoAttack: torchattacks' standard version with its full budgets, on a class-stratified "
         "subset of the same test images, a check that the protocol's cut budgets do not "
