@@ -21,16 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.api import load_model
 from models.data import default_data_root, load_bundle
 from models.evaluation.metrics import classification_metrics
-from models.streaming import ImageDataset
+from models.streaming import ImageDataset, sequential_parts, to_float
 
 
 def logits(model: torch.nn.Module, ds: ImageDataset, batch: int = 256) -> torch.Tensor:
-    out = []
     with torch.no_grad():
-        for i in range(0, len(ds), batch):
-            x = torch.stack([ds[j][0] for j in range(i, min(i + batch, len(ds)))])
-            out.append(model(x.float() / 255 if x.dtype == torch.uint8 else x))
-    return torch.cat(out).double()
+        parts = sequential_parts(len(ds), batch)
+        return torch.cat([model(to_float(x)) for x in ds.batches(parts)]).double()
 
 
 def main() -> None:
@@ -42,8 +39,8 @@ def main() -> None:
     args = p.parse_args()
     loaded = load_model(args.checkpoint)
     size = int(loaded.info["image_size"])
-    bundle = load_bundle(args.data, size, args.manifest, parts=("train", "val", "test"))
-    prior = torch.bincount(bundle.train.labels, minlength=len(bundle.classes)).double()
+    bundle = load_bundle(args.data, size, args.manifest)
+    prior = torch.tensor(bundle.train.class_counts(), dtype=torch.float64)
     log_prior = (prior / prior.sum()).log()
     rows = []
     for part in ("val", "test"):
