@@ -97,8 +97,13 @@ def run_demo(out: str, data: str | None, epochs: int, limit: int) -> int:
 
     run = Path(out).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    if data is None and (found := default_data_root()) is not None:
-        data = str(found)
+    if data is None:
+        try:
+            found = default_data_root()
+        except NotADirectoryError as e:
+            console.print(f"[red]error:[/] {e}")
+            return 1
+        data = None if found is None else str(found)
     port = _free_port()
     env = {
         **os.environ,

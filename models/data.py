@@ -63,11 +63,20 @@ DEFAULT_DATA_ENV = "DPAAT_DATA_ROOT"
 
 
 def default_data_root() -> Path | None:
-    """The HAM10000 copy named by DPAAT_DATA_ROOT, else ../shared/data/ham10000, if present."""
+    """The HAM10000 copy named by DPAAT_DATA_ROOT, else ../shared/data/ham10000, if present.
+
+    A DPAAT_DATA_ROOT that is not a directory is an error, not a reason to train silently on
+    another copy or on generated data (docs/decisions.md).
+    """
     env = os.environ.get(DEFAULT_DATA_ENV)
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
-    candidates.append(Path.cwd().parent / "shared" / "data" / "ham10000")
+    if env:
+        if not Path(env).is_dir():
+            raise NotADirectoryError(f"{DEFAULT_DATA_ENV}={env} is not a directory")
+        return Path(env)
+    candidates = [
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000",
+        Path.cwd().parent / "shared" / "data" / "ham10000",
+    ]
     for c in candidates:
         if c.is_dir():
             return c

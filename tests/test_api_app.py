@@ -136,6 +136,19 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.data_roots == [a.resolve()] and s.embedded
 
 
+def test_a_data_root_variable_that_names_no_folder_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The service does not start with a mistyped DPAAT_DATA_ROOT (it used to register
+    ../shared/data/ham10000 instead); a real folder is the one registered."""
+    monkeypatch.delenv("DPAAT_DATA_ROOTS", raising=False)
+    monkeypatch.setenv("DPAAT_DATA_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(NotADirectoryError, match="DPAAT_DATA_ROOT="):
+        Settings()
+    monkeypatch.setenv("DPAAT_DATA_ROOT", str(tmp_path))
+    assert Settings().data_roots == [tmp_path.resolve()]
+
+
 def test_settings_refuse_unsafe_values() -> None:
     from pydantic import ValidationError
 

@@ -121,6 +121,18 @@ def test_user_errors_are_one_line(
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_a_data_root_variable_that_names_no_folder_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped DPAAT_DATA_ROOT stops the run with its name; it used to fall back silently to
+    ../shared/data/ham10000 (or generated data), training on data the user did not name."""
+    monkeypatch.setenv("DPAAT_DATA_ROOT", str(tmp_path / "no-such-folder"))
+    r = runner.invoke(cli, ["train", "--out", str(tmp_path / "run"), "--limit", "16"])
+    assert r.exit_code == 2, r.output
+    assert "DPAAT_DATA_ROOT=" in r.stderr and "not a directory" in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "evaluate", str(tmp_path / "missing.pt")],

@@ -26,9 +26,14 @@ def default_data_roots() -> list[Path]:
     the web process must start without it.
     """
     env = os.environ.get("DPAAT_DATA_ROOT")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000")
-    candidates.append(Path.cwd().parent / "shared" / "data" / "ham10000")
+    if env:
+        if not Path(env).is_dir():
+            raise NotADirectoryError(f"DPAAT_DATA_ROOT={env} is not a directory")
+        return [Path(env).resolve()]
+    candidates = [
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000",
+        Path.cwd().parent / "shared" / "data" / "ham10000",
+    ]
     return [c.resolve() for c in candidates if c.is_dir()][:1]
 
 
