@@ -14,6 +14,7 @@ result file and to the experiment file that made it. The results directory gets:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from models.evaluation.gradcam import CENTRED_GRID
 from models.experiment import (
     RESULT_FILE,
     Experiment,
@@ -36,6 +38,7 @@ from models.experiment import (
 MAIN_EPS = ("1", "2")
 # The claim's verdicts (see claim_check): decided by the 95 % intervals where the report has them
 HOLDS, FAILS, UNDECIDED, MISSING = "holds", "does not hold", "undecided", "not measured"
+NOT_TESTABLE = "not testable"  # the measurement cannot tell the methods apart (lesion focus)
 
 Interval = tuple[float, float]
 
@@ -119,12 +122,42 @@ def measures_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Int
     if ref:
         values["aa_n"] = _float((ref.get("dataset") or {}).get("samples"))
     focus = rep.get("lesion_focus") or {}
-    values["focus_clean"] = _float(focus.get("clean"))
-    values["focus_adv"] = _float(focus.get("adversarial"))
+    put("focus_clean", focus, "clean")
+    put("focus_adv", focus, "adversarial")
+    values["focus_uniform"] = _float(focus.get("uniform_map"))
+    grid = cam_grid_of(result) if focus else None
+    values["cam_grid"] = float(min(grid)) if grid else math.nan
     t = result["timings"]
     values["epoch_s"] = _float(t.get("epoch_seconds_mean"))
     values["eval_s"] = _float(t.get("eval_seconds"))
     return values, intervals
+
+
+def cam_grid_of(result: dict[str, Any]) -> tuple[int, int] | None:
+    """The size of the Grad-CAM layer's own map for the result's model: the report's, or for a
+    report written before it recorded one, measured on a fresh model of the same architecture at
+    the same input size (the size does not depend on the weights). None where it cannot be built."""
+    focus = result["report"].get("lesion_focus") or {}
+    if focus.get("cam_grid"):
+        h, w = focus["cam_grid"]
+        return int(h), int(w)
+    model = result["report"].get("model") or {}
+    try:
+        return _probe_cam_grid(
+            str(model["architecture"]), len(model["classes"]), int(model["input_size"])
+        )
+    except (KeyError, TypeError, ValueError, ImportError):
+        return None
+
+
+@functools.cache
+def _probe_cam_grid(arch: str, num_classes: int, size: int) -> tuple[int, int]:
+    import torch
+
+    from models.evaluation.gradcam import cam_grid
+    from models.nets import build_model
+
+    return cam_grid(build_model(arch, num_classes), torch.zeros(1, 3, size, size))
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -189,6 +222,11 @@ def _fmt(agg: dict[str, Any], key: str, pct: bool = True) -> str:
             else f" [{iv[0]:.2f}, {iv[1]:.2f}]"
         )
     return text
+
+
+def _grid_text(agg: dict[str, Any]) -> str:
+    g = agg["mean"].get("cam_grid", math.nan)
+    return "n/a" if math.isnan(g) else f"{g:.0f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -270,8 +308,23 @@ def main_tables(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[str
         ],
     )
     t4 = _table(
-        ["method", "lesion focus (clean)", "lesion focus (adversarial)"],
-        [[f"`{n}`", _fmt(aggs[n], "focus_clean"), _fmt(aggs[n], "focus_adv")] for n in present],
+        [
+            "method",
+            "lesion focus (clean)",
+            "lesion focus (adversarial)",
+            "uniform map",
+            "Grad-CAM map",
+        ],
+        [
+            [
+                f"`{n}`",
+                _fmt(aggs[n], "focus_clean"),
+                _fmt(aggs[n], "focus_adv"),
+                _fmt(aggs[n], "focus_uniform"),
+                _grid_text(aggs[n]),
+            ]
+            for n in present
+        ],
     )
     return (
         "**Clean test metrics** (percent; mean ± sample standard deviation over seeds where "
@@ -289,7 +342,11 @@ def main_tables(aggs: dict[str, dict[str, Any]], names: list[str], eps: list[str
         "answers `nv` for everything scores 1/7, not two thirds)\n\n" + t3 + "\n\n"
         "**Robust mAP and melanoma recall at small ε** (percent)\n\n" + t3b + "\n\n"
         "**Lesion focus** (share of the Grad-CAM mass inside the lesion mask, percent; "
-        "adversarial = the CAM of the worst-case example at the report's adversarial ε)\n\n" + t4
+        "adversarial = the CAM of the worst-case example at the report's adversarial ε; uniform "
+        "map = the score of a map spread evenly, the lesions' mean area, which a map that "
+        "localises nothing gets; Grad-CAM map = the cells a side of the explained layer's map, "
+        f"before upsampling: under {CENTRED_GRID} no cell is at the image's centre, where the "
+        "lesion is)\n\n" + t4
     )
 
 
@@ -387,7 +444,9 @@ def all_of(*verdicts: str) -> str:
 
 def claim_check(aggs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The claim of docs/dpaat.md, item by item, decided by the 95 % intervals (:func:`above`,
-    :func:`not_below`); lesion focus and curve area have no interval and are decided on the means.
+    :func:`not_below`); curve area, and lesion focus in older reports, have no interval and are
+    decided on the means. Lesion focus is :data:`NOT_TESTABLE` where a Grad-CAM map has fewer
+    than :data:`CENTRED_GRID` cells a side.
 
     Each item: ``claim``, ``numbers`` (text), ``verdict`` (holds / does not hold / undecided /
     not measured when a method is missing)."""
@@ -421,11 +480,17 @@ def claim_check(aggs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             numbers(key, dpaat=d, standard=s, pgd_at=p),
             all_of(above(d, s, key), not_below(d, p, key)),
         )
+    # a Grad-CAM map too coarse to single out the centre scores every model near the lesions' area
+    grids = [_mean(agg, "cam_grid") for agg in (d, s, p) if agg]
+    coarse = [g for g in grids if g < CENTRED_GRID]
     for key, label in (("focus_clean", "clean"), ("focus_adv", "adversarial")):
+        text = numbers(key, dpaat=d, standard=s, pgd_at=p)
+        if coarse:
+            text += f"; Grad-CAM map {min(coarse):.0f} cells a side"
         add(
-            f"higher lesion-focus score ({label}) than `standard` and `pgd_at` (means)",
-            numbers(key, dpaat=d, standard=s, pgd_at=p),
-            all_of(above(d, s, key), above(d, p, key)),
+            f"higher lesion-focus score ({label}) than `standard` and `pgd_at`",
+            text,
+            NOT_TESTABLE if coarse else all_of(above(d, s, key), above(d, p, key)),
         )
     a = aggs.get("amat_external")
     for key, label in (
@@ -929,8 +994,11 @@ def summarize(
         "above') holds when DPAAT's interval lies wholly above the other's, fails when it lies "
         "wholly below, and is undecided when they overlap; 'close to' / 'not below' fails only "
         "when DPAAT's interval lies wholly below. Over two seeds the interval is the envelope of "
-        "the seeds' intervals. Lesion focus and curve area carry no interval in the report and "
-        "are decided on the means.",
+        "the seeds' intervals. Curve area carries no interval and is decided on the means, as "
+        "is lesion focus from reports written before it had one. Lesion focus is not testable "
+        f"where the Grad-CAM layer's map has fewer than {CENTRED_GRID} cells a side: no cell "
+        "is at the image's centre, where dermoscopy puts the lesion, so every model scores about "
+        "the lesions' mean area.",
         "",
     ]
     groups = list(dict.fromkeys(v["group"] for v in exp.variants))

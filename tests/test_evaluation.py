@@ -29,6 +29,7 @@ from models.evaluation import (
 )
 from models.evaluation import checks as ck
 from models.evaluation.evaluate import _labels, curve_auc, worst_case
+from models.evaluation.gradcam import CENTRED_GRID, cam_grid
 from models.nets import Classifier, build_model
 
 EPS = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -254,6 +255,18 @@ def test_lesion_focus_reference_values() -> None:
     assert torch.isnan(lesion_focus(torch.zeros(3, 8, 8), mask)).all()
     with pytest.raises(ValueError, match="shape"):
         lesion_focus(torch.ones(3, 8, 8), mask[:, :4])
+
+
+def test_cam_grid_is_the_explained_layers_own_map() -> None:
+    """ResNet-18's last block is 2 x 2 at 64 px: too coarse to single out a centred lesion (the
+    cpu64 preset), 7 x 7 at 224 px (the gpu preset)."""
+    net = build_model("resnet18", 7)
+    assert cam_grid(net, torch.rand(1, 3, 64, 64)) == (2, 2)
+    assert cam_grid(net, torch.rand(1, 3, 224, 224)) == (7, 7)
+    assert min(cam_grid(net, torch.rand(1, 3, 224, 224))) >= CENTRED_GRID
+    assert net.training and all(p.requires_grad for p in net.parameters())  # state restored
+    with pytest.raises(ValueError, match="no Grad-CAM layer"):
+        cam_grid(nn.Linear(3, 3), torch.rand(2, 3))
 
 
 def test_trained_model_looks_at_the_lesion(trained) -> None:
@@ -652,6 +665,17 @@ def test_real_data_report_with_masks(ham_root: Path, tmp_path: Path) -> None:
     x, masks = to_float(test.images_at(slice(None))), test.masks_at(slice(None))
     focus = lesion_focus(grad_cam(model, x), masks)
     assert lf["clean"] == pytest.approx(float(focus.nanmean()), abs=1e-5)
+    ok = focus[torch.isfinite(focus)]
+    half = 1.959964 * float(ok.std()) / len(ok) ** 0.5
+    clean_iv = lf["intervals"]["clean"]
+    assert (clean_iv["low"], clean_iv["high"]) == pytest.approx(
+        (lf["clean"] - half, lf["clean"] + half), abs=1e-4
+    )
+    assert lf["intervals"]["adversarial"]["low"] < lf["adversarial"]
+    # the baseline a map that localises nothing gets, and the size of the map explained
+    uniform = lesion_focus(torch.ones_like(masks, dtype=torch.float32), masks)
+    assert lf["uniform_map"] == pytest.approx(float(uniform.mean()), abs=1e-5)
+    assert 0.05 < lf["uniform_map"] < 0.9 and lf["cam_grid"] == list(cam_grid(model, x))
     assert report["dataset"]["name"] == "ham10000" and report["dataset"]["has_masks"]
     assert len(report["dataset"]["manifest_sha256"]) == 64
     assert set(report["clean"]["recall"]) == set(bundle.classes)
@@ -659,5 +683,5 @@ def test_real_data_report_with_masks(ham_root: Path, tmp_path: Path) -> None:
     for key in CONTRACT:
         assert key in report
     md = Path(write_report(report, tmp_path / "out")["markdown"]).read_text()
-    assert "melanoma recall" in md
+    assert "melanoma recall" in md and "uniform map" in md
     assert all(math.isfinite(r["accuracy"]) for r in report["robust"].values())

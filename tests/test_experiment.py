@@ -4,6 +4,7 @@ finished units, a corrupted or stale result is detected and recomputed, results 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -370,12 +371,46 @@ def test_claim_check_decides_by_the_intervals() -> None:
     assert verdict("higher lesion-focus score (clean)") == "holds"  # means: no interval
     assert verdict("higher lesion-focus score (adversarial)") == "does not hold"  # a tie
     assert all(c["verdict"] == "not measured" for c in items if "amat_external" in c["claim"])
+
+    # lesion focus from a map with fewer than 3 cells a side compares nothing: not testable
+    focus_claim = "higher lesion-focus score (clean)"
+    for a in aggs.values():
+        a["mean"]["cam_grid"] = 2.0
+    (item,) = [c for c in claim_check(aggs) if c["claim"].startswith(focus_claim)]
+    assert item["verdict"] == "not testable" and "2 cells a side" in item["numbers"]
+    # with a fine map and intervals (newer reports), decided by the intervals like the rest
+    for a, iv in zip(aggs.values(), ((0.48, 0.52), (0.38, 0.42), (0.49, 0.71)), strict=True):
+        a["mean"]["cam_grid"] = 7.0
+        a["interval"]["focus_clean"] = iv
+    (item,) = [c for c in claim_check(aggs) if c["claim"].startswith(focus_claim)]
+    assert item["verdict"] == "undecided"  # dpaat 0.6 [0.49, 0.71] overlaps standard's interval
     # the numbers shown carry the intervals the verdict was made from
     (item,) = [c for c in items if c["claim"].startswith("clean balanced accuracy close")]
     assert (
         "dpaat 47.0 [45.0, 49.5]" in item["numbers"]
         and "standard 55.0 [50.0, 60.0]" in item["numbers"]
     )
+
+
+def test_lesion_focus_measures_carry_their_interval_and_the_cam_grid() -> None:
+    """A report written before lesion focus had an interval and a map size (the cpu64 units) gets
+    its map size measured on a fresh model of the same architecture and input size."""
+    from models.experiment_report import measures_of
+
+    model = {"architecture": "resnet18", "classes": list("abcdefg"), "input_size": 64}
+    old = {"clean": 0.266, "adversarial": 0.265, "eps": 2.0}
+    result = {"eval": {"eps": [0]}, "timings": {}, "report": {"lesion_focus": old, "model": model}}
+    values, intervals = measures_of(result)
+    assert values["cam_grid"] == 2.0 and "focus_clean" not in intervals
+    assert values["focus_clean"] == 0.266 and math.isnan(values["focus_uniform"])
+    iv = {"low": 0.30, "high": 0.34, "n": 1784, "method": "normal"}
+    new = {**old, "intervals": {"clean": iv}, "uniform_map": 0.267, "cam_grid": [7, 7]}
+    values, intervals = measures_of({**result, "report": {"lesion_focus": new, "model": model}})
+    assert values["cam_grid"] == 7.0 and intervals["focus_clean"] == (0.30, 0.34)
+    assert values["focus_uniform"] == 0.267
+    # no masks, no lesion focus: no map size either
+    values, _ = measures_of({**result, "report": {"lesion_focus": None, "model": model}})
+    assert math.isnan(values["cam_grid"])
 
 
 def test_intervals_over_seeds_are_the_envelope_and_reach_every_table() -> None:

@@ -11,6 +11,7 @@ from models.evaluation.metrics import (
     average_precision,
     classification_metrics,
     confusion_matrix,
+    mean_interval,
     roc_auc,
     wilson,
 )
@@ -116,6 +117,17 @@ def test_wilson_interval_reference_values() -> None:
     assert (iv["low"], iv["high"]) == pytest.approx((0.33733, 0.52785), abs=1e-5)
     assert wilson(0, 10)["low"] == 0.0 and wilson(0, 10)["high"] == pytest.approx(0.27753, abs=1e-5)
     assert wilson(10, 10)["high"] == pytest.approx(1.0) and wilson(0, 0)["low"] is None
+
+
+def test_mean_interval_matches_scipy() -> None:
+    from scipy import stats
+
+    v = np.random.default_rng(5).beta(2, 5, 400)  # per-image scores in [0, 1], skewed
+    iv = mean_interval(v)
+    low, high = stats.norm.interval(0.95, loc=v.mean(), scale=stats.sem(v))
+    assert (iv["low"], iv["high"]) == pytest.approx((low, high), abs=1e-4)
+    assert iv["n"] == 400 and mean_interval(torch.tensor(v))["low"] == pytest.approx(iv["low"])
+    assert mean_interval([0.3])["low"] is None and mean_interval([])["high"] is None
 
 
 def test_metrics_carry_intervals_that_contain_the_estimate_and_shrink_with_n() -> None:

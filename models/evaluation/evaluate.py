@@ -25,8 +25,8 @@ from torch import nn
 from models.attacks import Attack, make_attack, per_sample_ce
 from models.data import ImageDataset
 from models.evaluation import checks as ck
-from models.evaluation.gradcam import cam_unavailable, grad_cam, lesion_focus
-from models.evaluation.metrics import classification_metrics, wilson
+from models.evaluation.gradcam import cam_grid, cam_unavailable, grad_cam, lesion_focus
+from models.evaluation.metrics import classification_metrics, mean_interval, wilson
 from models.evaluation.report import to_jsonable
 
 REPORT_VERSION = 1
@@ -102,10 +102,12 @@ def _acc_bacc(correct: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, Any]:
     }
 
 
-def _nanmean(t: torch.Tensor) -> tuple[float | None, int]:
-    """Mean of the finite values and the number of NaNs (maps with no mass) left out."""
+def _focus_summary(t: torch.Tensor) -> tuple[float | None, dict[str, Any], int]:
+    """Mean of the finite per-image scores, its 95 % interval, and the number of NaNs (maps with
+    no mass) left out."""
     ok = torch.isfinite(t)
-    return (float(t[ok].mean()) if bool(ok.any()) else None), int((~ok).sum())
+    mean = float(t[ok].mean()) if bool(ok.any()) else None
+    return mean, mean_interval(t[ok]), int((~ok).sum())
 
 
 @dataclass
@@ -331,6 +333,7 @@ def _evaluate(
     report_progress("clean", 0.0)
     logits = torch.empty(n, k)
     focus_clean = torch.full((n,), float("nan"))
+    mask_area = torch.zeros(n)  # the share of each image inside its lesion mask
     # the first pass reads through the dataset's loader (streamed data: decoded by its workers)
     parts = [torch.arange(sl.start, sl.stop) for sl in chunks]
     for i, (sl, images) in enumerate(zip(chunks, dataset.batches(parts), strict=True)):
@@ -345,9 +348,9 @@ def _evaluate(
         logits[sl] = out.cpu()
         t = timer.add("clean", t)
         if masks:
-            focus_clean[sl] = lesion_focus(
-                grad_cam(model, x, batch_size=batch_size), _masks(dataset, sl)
-            ).cpu()
+            lesion = _masks(dataset, sl)
+            focus_clean[sl] = lesion_focus(grad_cam(model, x, batch_size=batch_size), lesion).cpu()
+            mask_area[sl] = lesion.bool().flatten(1).float().mean(1).cpu()
             timer.add("gradcam", t)
         report_progress("clean", _CLEAN * (i + 1) / len(chunks))
     clean_probs = torch.softmax(logits, dim=1)
@@ -461,11 +464,17 @@ def _evaluate(
 
     focus: dict[str, Any] | None = None
     if masks:
-        clean_mean, clean_empty = _nanmean(focus_clean)
-        adv_mean, adv_empty = _nanmean(focus_adv) if adv_cam_eps is not None else (None, 0)
+        clean_mean, clean_iv, clean_empty = _focus_summary(focus_clean)
+        adv_mean, adv_iv, adv_empty = _focus_summary(
+            focus_adv if adv_cam_eps is not None else torch.empty(0)
+        )
         focus = {
             "clean": clean_mean,
             "adversarial": adv_mean,
+            "intervals": {"clean": clean_iv, "adversarial": adv_iv},
+            # a map spread evenly scores the lesion's area: a focus near this does not localise
+            "uniform_map": float(mask_area.mean()),
+            "cam_grid": list(cam_grid(model, chunk(slice(0, 1))[0])),
             "eps": adv_cam_eps,
             "explained_class": "predicted",
             "samples": n,

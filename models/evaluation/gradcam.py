@@ -89,6 +89,30 @@ def _cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
         raise ValueError(f"gradcam_layer: the model has no module named {name!r}") from None
 
 
+# The smallest Grad-CAM map side with a cell at the image's centre, where dermoscopy puts the
+# lesion: a map with fewer cells a side cannot localise it, and lesion focus compares nothing.
+CENTRED_GRID = 3
+
+
+def cam_grid(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """The (h, w) of the Grad-CAM layer's own map for inputs shaped like ``x``: how finely the map
+    can place its mass (the upsampling to the image adds no detail). ResNet-18's last block is
+    2 x 2 at 64 px, where every cell touches a corner and none can single out the image's centre."""
+    layer = _cam_layer(model, x)
+    shape: list[int] = []
+
+    def keep(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        shape[:] = out.shape[-2:]
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with attack_mode(model), torch.no_grad():
+            model(x[:1].detach())
+    finally:
+        handle.remove()
+    return shape[0], shape[1]
+
+
 def _normalized(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)
     if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):

@@ -99,6 +99,23 @@ def wilson(successes: int, n: int, z: float = Z95) -> dict[str, Any]:
     }
 
 
+def mean_interval(values: ArrayLike, z: float = Z95) -> dict[str, Any]:
+    """The normal-approximation interval of a mean (mean +- z * sd / sqrt(n)), for per-image
+    scores such as lesion focus: with hundreds of images the mean is close to normal whatever the
+    scores' own distribution. ``low``/``high`` are None below 2 values."""
+    v = _np(values, np.float64)
+    n = len(v)
+    if n < 2:
+        return {"n": n, "low": None, "high": None, "method": "normal"}
+    half = z * float(v.std(ddof=1)) / np.sqrt(n)
+    return {
+        "n": n,
+        "low": float(v.mean() - half),
+        "high": float(v.mean() + half),
+        "method": "normal",
+    }
+
+
 def _stratified_resamples(yt: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     """Bootstrap index sets (B, N) that resample within each class, so every class keeps its
     support (balanced accuracy and macro mAP are averages over classes)."""

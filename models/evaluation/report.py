@@ -184,17 +184,26 @@ def render_markdown(
         lines.append("Not computed: the dataset has no lesion masks, or Grad-CAM was off.")
     else:
         eps_txt = f"{focus['eps']:g}/255" if focus.get("eps") is not None else "–"
+        grid = focus.get("cam_grid")
         lines += _table(
-            ["clean", f"adversarial ({eps_txt})", "explained class", "samples"],
+            ["clean", f"adversarial ({eps_txt})", "uniform map", "Grad-CAM map", "samples"],
             [
                 [
-                    _f(focus["clean"]),
-                    _f(focus["adversarial"]),
-                    focus.get("explained_class"),
+                    _ci(focus, "clean"),
+                    _ci(focus, "adversarial"),
+                    _f(focus.get("uniform_map")),
+                    f"{grid[0]} x {grid[1]}" if grid else "–",
                     focus.get("samples"),
                 ]
             ],
         )
+        lines += [
+            "",
+            f"Maps of the {focus.get('explained_class')} class. A map spread evenly scores the "
+            "lesions' mean area (uniform map): a focus near it does not localise the lesion. The "
+            "Grad-CAM map is the size of the explained layer's own map, before upsampling; one "
+            "under 3 x 3 has no cell at the image's centre, where dermoscopy puts the lesion.",
+        ]
 
     lines += ["", "## Threat model", ""]
     lines.append(
