@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.evaluation.gradcam import CENTRED_GRID
+from models.evaluation.gradcam import CENTRED_GRID, cam_grid
 from models.experiment import (
     RESULT_FILE,
     Experiment,
@@ -154,7 +154,6 @@ def cam_grid_of(result: dict[str, Any]) -> tuple[int, int] | None:
 def _probe_cam_grid(arch: str, num_classes: int, size: int) -> tuple[int, int]:
     import torch
 
-    from models.evaluation.gradcam import cam_grid
     from models.nets import build_model
 
     return cam_grid(build_model(arch, num_classes), torch.zeros(1, 3, size, size))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.evaluation.gradcam import CENTRED_GRID
 from models.plots import plot_curve
 
 PLOT_NAME = "robustness_curve.png"
@@ -202,7 +203,8 @@ def render_markdown(
             f"Maps of the {focus.get('explained_class')} class. A map spread evenly scores the "
             "lesions' mean area (uniform map): a focus near it does not localise the lesion. The "
             "Grad-CAM map is the size of the explained layer's own map, before upsampling; one "
-            "under 3 x 3 has no cell at the image's centre, where dermoscopy puts the lesion.",
+            f"under {CENTRED_GRID} x {CENTRED_GRID} has no cell at the image's centre, where "
+            "dermoscopy puts the lesion.",
         ]
 
     lines += ["", "## Threat model", ""]
