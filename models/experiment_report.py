@@ -125,7 +125,7 @@ def measures_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Int
     put("focus_clean", focus, "clean")
     put("focus_adv", focus, "adversarial")
     values["focus_uniform"] = _float(focus.get("uniform_map"))
-    grid = cam_grid_of(result) if focus else None
+    grid = cam_grid_of(result)
     values["cam_grid"] = float(min(grid)) if grid else math.nan
     t = result["timings"]
     values["epoch_s"] = _float(t.get("epoch_seconds_mean"))
@@ -136,8 +136,11 @@ def measures_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Int
 def cam_grid_of(result: dict[str, Any]) -> tuple[int, int] | None:
     """The size of the Grad-CAM layer's own map for the result's model: the report's, or for a
     report written before it recorded one, measured on a fresh model of the same architecture at
-    the same input size (the size does not depend on the weights). None where it cannot be built."""
-    focus = result["report"].get("lesion_focus") or {}
+    the same input size (the size does not depend on the weights). None without lesion focus or
+    where the model cannot be built."""
+    focus = result["report"].get("lesion_focus")
+    if not focus:
+        return None
     if focus.get("cam_grid"):
         h, w = focus["cam_grid"]
         return int(h), int(w)
